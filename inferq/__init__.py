@@ -1,0 +1,1 @@
+"""inferq: the composition root (settings, CLI, the embedded launcher, wiring)."""

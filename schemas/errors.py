@@ -1,0 +1,64 @@
+"""The error shape every client sees, and the stable machine codes it carries."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorCode(StrEnum):
+    # request shape
+    MALFORMED_JSON = "malformed_json"
+    FIELD_MISSING = "field_missing"
+    FIELD_INVALID = "field_invalid"
+    FIELD_UNKNOWN = "field_unknown"
+    BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
+    INVALID_CURSOR = "invalid_cursor"
+    # model contract
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_VERSION = "unknown_version"
+    INVALID_INPUT = "invalid_input"
+    # job lifecycle
+    JOB_NOT_FOUND = "job_not_found"
+    JOB_NOT_CANCELLABLE = "job_not_cancellable"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    JOB_EXPIRED = "job_expired"
+    # capacity and dependencies
+    BACKLOG_FULL = "backlog_full"
+    PUBLISH_UNAVAILABLE = "publish_unavailable"
+    STORE_UNAVAILABLE = "store_unavailable"
+    # bus messages
+    MALFORMED_MESSAGE = "malformed_message"
+    INVALID_ENVELOPE = "invalid_envelope"
+    UNSUPPORTED_EVENT_TYPE = "unsupported_event_type"
+    # execution
+    INFERENCE_FAILED = "inference_failed"
+    # routing
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: ErrorCode = Field(description="Stable machine-readable code.")
+    message: str = Field(description="Human-readable explanation.")
+    field: str | None = Field(
+        default=None,
+        description="The offending field, dotted (`input.text`), or a header name.",
+    )
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer."""
+
+    error: ErrorDetail
+    errors: list[ErrorDetail] | None = Field(
+        default=None, description="All problems found, when there is more than one."
+    )

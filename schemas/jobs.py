@@ -1,0 +1,126 @@
+"""Job request and job resource: the HTTP contract, also the data of a bus event."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StringConstraints
+
+from schemas.errors import ErrorCode
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._\-]{0,63}$"
+
+JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
+ModelVersion = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._\-]{1,32}$")]
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+)
+
+WebhookEvent = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled", "job.expired"]
+TERMINAL_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = (
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "job.expired",
+)
+
+
+class WebhookSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: AnyHttpUrl = Field(description="Where the job's events are POSTed.")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(TERMINAL_WEBHOOK_EVENTS),
+        description="Which events to send; the terminal ones by default.",
+    )
+
+
+class JobRequest(BaseModel):
+    """What a client submits with `POST /v1/jobs`, and the data of a bus job event."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName = Field(description="A registered model name.")
+    version: ModelVersion | None = Field(
+        default=None, description="A model version; the model's default when absent."
+    )
+    input: dict[str, Any] = Field(description="Validated against the model's input contract.")
+    webhook: WebhookSpec | None = None
+    priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9.")
+    ttl_s: int | None = Field(
+        default=None, ge=1, le=7 * 24 * 3600, description="A job not started by then expires."
+    )
+    metadata: dict[str, Any] | None = Field(default=None, description="Echoed back untouched.")
+
+
+class JobError(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: ErrorCode | str
+    message: str
+    retryable: bool = False
+
+
+class JobResource(BaseModel):
+    """A job as `GET /v1/jobs/{id}` shows it."""
+
+    id: str
+    status: JobStatus
+    model: str
+    version: str | None
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+    attempts: int = 0
+    priority: int = 5
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    expires_at: datetime | None = None
+    metadata: dict[str, Any] | None = None
+    source: str | None = Field(default=None, description="Who published the job (CloudEvents).")
+
+
+class JobPage(BaseModel):
+    """One page of `GET /v1/jobs`."""
+
+    data: list[JobResource]
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` for the next page.")
+
+
+class ModelInfo(BaseModel):
+    """One model version, as `GET /v1/models` lists it."""
+
+    name: str
+    version: str
+    default: bool
+    adapter: str
+    max_batch_size: int
+    max_wait_ms: float
+    input_schema: dict[str, Any]
+    providers: list[str] = Field(
+        default_factory=list,
+        description="Execution providers the live workers run it on (from their heartbeats).",
+    )
+
+
+class ModelList(BaseModel):
+    data: list[ModelInfo]

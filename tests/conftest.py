@@ -1,0 +1,6 @@
+"""Shared fixtures. Server fixtures live in their own plugin modules, one per server."""
+
+pytest_plugins = [
+    "tests.fixtures_servers",
+    "tests.fixtures_models",
+]
