@@ -1,0 +1,51 @@
+# One entry point: setup, run, lint, typecheck, test, bench.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.inferq-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup run models test test-fast lint typecheck check bench schemas clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# CPU torch first (only the model export needs it), or pip pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[export,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+models: setup
+	$(BIN)/inferq models build
+
+# The main job: broker, API, worker pool and a SQLite job store, embedded. Ctrl-C stops all.
+run: models
+	$(BIN)/inferq dev
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: models
+	$(BIN)/python -m bench.run
+
+schemas: setup
+	$(BIN)/python -m schemas.export
+
+clean:
+	rm -rf $(VENV) .inferq .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,167 @@
+"""`inferq` command line: dev, api, worker, models, topics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from inferq.settings import Settings
+
+log = logging.getLogger("inferq")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = Path(args.data_dir)
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from inferq.dev import DevOptions, run_dev
+
+    return run_dev(
+        _settings(args),
+        DevOptions(port=args.port, kafka_port=args.kafka_port, workers=args.workers,
+                   transport=args.transport, build_models=not args.no_build),
+    )
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from inferq.wiring import ConfigError, build_api
+
+    settings = _settings(args)
+    try:
+        app = build_api(settings)
+    except ConfigError as exc:
+        print(f"inferq api: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port,
+                log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from inferq.wiring import ConfigError, run_worker
+
+    settings = _settings(args)
+    registry = CollectorRegistry()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr="127.0.0.1", registry=registry)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop, registry)
+
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:
+        print(f"inferq worker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_models_build(args: argparse.Namespace) -> int:
+    from workers.export import ExportError, build_all
+
+    settings = _settings(args)
+    root = Path(args.repository) if args.repository else settings.resolved_model_repository
+    try:
+        for path in build_all(root, force=args.force):
+            print(f"ready: {path}")
+    except ExportError as exc:
+        print(f"inferq models build: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from workers.repository import ModelRepository
+
+    settings = _settings(args)
+    for c in ModelRepository(settings.resolved_model_repository).configs():
+        default = " (default)" if c.default else ""
+        print(f"{c.name}/{c.version}{default}  adapter={c.adapter}  "
+              f"max_batch_size={c.max_batch_size}  max_wait_ms={c.max_wait_ms}")
+    return 0
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from inferq.wiring import ConfigError, kafka_config
+    from transports.kafka import ensure_topics
+
+    settings = _settings(args)
+    try:
+        config = kafka_config(settings, "inferq-admin")
+    except ConfigError as exc:
+        print(f"inferq topics create: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(ensure_topics(
+        config, {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
+    ))
+    print(f"topics ready: {settings.kafka_topic} ({settings.kafka_partitions} partitions), "
+          f"{settings.dlq_topic}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
+    parser.add_argument("--data-dir", help="data directory (INFERQ_DATA_DIR)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="run broker, API and workers together, embedded")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--kafka-port", type=int, default=19092)
+    dev.add_argument("--workers", type=int, default=1)
+    dev.add_argument("--transport", choices=["kafka"], default="kafka")
+    dev.add_argument("--no-build", action="store_true", help="don't build missing models")
+    dev.set_defaults(func=cmd_dev)
+
+    api = sub.add_parser("api", help="run the HTTP API against external servers")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run one worker against external servers")
+    worker.set_defaults(func=cmd_worker)
+
+    models = sub.add_parser("models", help="the model repository")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    build = msub.add_parser("build", help="export the shipped models to ONNX (offline, cached)")
+    build.add_argument("--force", action="store_true")
+    build.add_argument("--repository", help="model repository (INFERQ_MODEL_REPOSITORY)")
+    build.set_defaults(func=cmd_models_build)
+    msub.add_parser("list", help="list the repository").set_defaults(func=cmd_models_list)
+
+    topics = sub.add_parser("topics", help="Kafka topics")
+    tsub = topics.add_subparsers(dest="topics_command", required=True)
+    tsub.add_parser("create", help="create the jobs and dead-letter topics").set_defaults(
+        func=cmd_topics_create
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code

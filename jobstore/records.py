@@ -1,0 +1,125 @@
+"""The store's own records: what goes in and what comes out, free of ORM state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.jobs import JobError, JobResource, JobStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def require_aware(value: datetime, name: str) -> datetime:
+    """Refuse naive datetimes: a guessed zone is a silent bug on the next DST change."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got {value!r}")
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    model: str
+    version: str | None
+    input: dict[str, Any]
+    priority: int = 5
+    expires_at: datetime | None = None
+    metadata: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = None
+    source: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        require_aware(self.created_at, "created_at")
+        if self.expires_at is not None:
+            require_aware(self.expires_at, "expires_at")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Everything in a job row; datetimes are timezone-aware UTC."""
+
+    id: str
+    status: JobStatus
+    model: str
+    version: str | None
+    input: dict[str, Any]
+    result: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    error_retryable: bool
+    attempts: int
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    expires_at: datetime | None
+    metadata: dict[str, Any] | None
+    webhook: dict[str, Any] | None
+    source: str | None
+    idempotency_key: str | None
+    request_hash: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    updated_at: datetime
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+    def to_resource(self) -> JobResource:
+        error = None
+        if self.error_code is not None:
+            error = JobError(
+                code=self.error_code,
+                message=self.error_message or "",
+                retryable=self.error_retryable,
+            )
+        return JobResource(
+            id=self.id,
+            status=self.status,
+            model=self.model,
+            version=self.version,
+            result=self.result,
+            error=error,
+            attempts=self.attempts,
+            priority=self.priority,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            completed_at=self.completed_at,
+            expires_at=self.expires_at,
+            metadata=self.metadata,
+            source=self.source,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one attempt; applied only if that attempt still owns the job."""
+
+    job_id: str
+    attempt: int
+    status: JobStatus  # SUCCEEDED or FAILED
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retryable: bool = False
+    completed_at: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        if self.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            raise ValueError(f"an outcome is succeeded or failed, not {self.status}")
+        require_aware(self.completed_at, "completed_at")
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    claimed: list[JobRecord]  # now running: attempts incremented, lease set
+    skipped: dict[str, JobStatus]  # id -> the status that kept it from running
+    missing: list[str]  # no such row

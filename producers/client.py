@@ -1,0 +1,87 @@
+"""A small Python client for the HTTP API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from schemas.errors import ErrorResponse
+from schemas.jobs import JobPage, JobResource, JobStatus
+
+
+class InferqError(Exception):
+    """An error answer from the API, with its stable code and field."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+class InferqClient:
+    def __init__(self, base_url: str, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> InferqClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def submit(self, model: str, input: dict[str, Any], *, version: str | None = None,
+               idempotency_key: str | None = None, **fields: Any) -> JobResource:
+        body = {"model": model, "input": input, **fields}
+        if version is not None:
+            body["version"] = version
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return JobResource.model_validate(self._call("POST", "/v1/jobs", json=body,
+                                                     headers=headers))
+
+    def get(self, job_id: str, *, wait: float = 0) -> JobResource:
+        params = {"wait": wait} if wait else {}
+        return JobResource.model_validate(self._call("GET", f"/v1/jobs/{job_id}", params=params))
+
+    def wait(self, job_id: str, *, timeout: float = 60.0) -> JobResource:
+        """Block until the job is terminal (long-polls in slices of up to 20 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            job = self.get(job_id, wait=max(min(remaining, 20.0), 0.0))
+            if job.status.terminal or remaining <= 0:
+                return job
+
+    def cancel(self, job_id: str) -> JobResource:
+        return JobResource.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def list(self, *, status: JobStatus | None = None, model: str | None = None,
+             limit: int = 50) -> Iterator[JobResource]:
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": limit}
+            if status:
+                params["status"] = status.value
+            if model:
+                params["model"] = model
+            if cursor:
+                params["cursor"] = cursor
+            page = JobPage.model_validate(self._call("GET", "/v1/jobs", params=params))
+            yield from page.data
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        response = self._http.request(method, path, **kw)
+        if response.status_code >= 400:
+            try:
+                err = ErrorResponse.model_validate(response.json()).error
+                raise InferqError(response.status_code, err.code.value, err.message, err.field)
+            except ValueError:
+                raise InferqError(response.status_code, "http_error", response.text, None) from None
+        return response.json()

@@ -1,0 +1,35 @@
+"""API metrics on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "inferq_http_requests_total", "HTTP requests by route and status.",
+            ["method", "route", "status"], registry=registry,
+        )
+        self.latency = Histogram(
+            "inferq_http_request_duration_seconds", "HTTP request latency.",
+            ["method", "route"], buckets=HTTP_BUCKETS, registry=registry,
+        )
+        self.submitted = Counter(
+            "inferq_jobs_submitted_total", "Jobs accepted by the API.", ["model"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "inferq_jobs_rejected_total", "Job submissions refused, by error code.", ["code"],
+            registry=registry,
+        )
+        self.publish_retries = Counter(
+            "inferq_publish_retries_total", "Publish attempts retried.", registry=registry
+        )
+        self.backlog = Gauge(
+            "inferq_backlog_jobs", "Queued and running jobs in the store (admission control).",
+            registry=registry,
+        )

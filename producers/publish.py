@@ -1,0 +1,60 @@
+"""Publishing a job: retried with backoff and jitter, bounded in time, acknowledged by the
+broker before the API answers 202."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from schemas.envelope import JobEnvelope
+from transports.base import Publisher, TransportError
+
+log = logging.getLogger(__name__)
+
+
+class PublishUnavailable(Exception):
+    """The broker did not acknowledge the job within the retry budget."""
+
+
+class JobPublisher:
+    def __init__(
+        self, publisher: Publisher, topic: str, *, attempts: int = 4, timeout_s: float = 10.0
+    ) -> None:
+        self.publisher = publisher
+        self.topic = topic
+        self.attempts = attempts
+        self.timeout_s = timeout_s
+        self.retries = 0
+
+    async def publish(self, envelope: JobEnvelope) -> None:
+        # binary mode: the data travels as the value, the attributes as ce_* headers
+        headers, value = envelope.to_binary()
+        per_try = max(self.timeout_s / self.attempts, 0.5)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.timeout_s),
+            wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
+            retry=retry_if_exception_type((TransportError, TimeoutError)),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.retries += 1
+                    await asyncio.wait_for(
+                        self.publisher.publish(
+                            self.topic, value, key=envelope.id.encode(), headers=headers
+                        ),
+                        per_try,
+                    )
+        except (TransportError, TimeoutError) as exc:
+            log.error("publish of job %s failed: %s", envelope.id, exc)
+            raise PublishUnavailable(str(exc) or type(exc).__name__) from exc

@@ -1,0 +1,531 @@
+"""Transport behaviour, written once and run against every transport that implements the ports.
+
+The in-memory twin must behave like Kafka wherever the workers rely on it: a group resumes
+from its committed offset, commits cover only the contiguous acked prefix, lag counts what
+the group has not committed. Messages that must keep their order share a key, so that on a
+multi-partition Kafka topic they land on one partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.fixtures_servers import unique_topic_name
+from transports.base import Consumer, Delivery, DepthProbe, Publisher, PublishError, QueueDepth
+from transports.broker import EmbeddedKafka, free_port
+from transports.kafka import (
+    KafkaConfig,
+    KafkaConsumer,
+    KafkaDepth,
+    KafkaPublisher,
+    Outgoing,
+    ensure_topics,
+)
+from transports.memory import MemoryBroker, MemoryConsumer, MemoryPublisher
+
+KEY = b"one-partition"  # messages whose order a test relies on share this key
+
+
+@dataclass
+class TransportKit:
+    """One transport, one fresh topic, and factories that clean up after the test."""
+
+    name: str
+    topic: str
+    _publisher: Callable[[], Publisher]
+    _consumer: Callable[[str, str], Consumer]
+    _depth: Callable[[str, str], DepthProbe]
+    _started: list[Publisher | Consumer] = field(default_factory=list)
+
+    async def publisher(self) -> Publisher:
+        publisher = self._publisher()
+        await publisher.start()
+        self._started.append(publisher)
+        return publisher
+
+    async def consumer(self, group: str, topic: str | None = None) -> Consumer:
+        consumer = self._consumer(topic or self.topic, group)
+        await consumer.start()
+        self._started.append(consumer)
+        return consumer
+
+    def depth(self, group: str, topic: str | None = None) -> DepthProbe:
+        return self._depth(topic or self.topic, group)
+
+    async def close(self) -> None:
+        for client in reversed(self._started):
+            await client.stop()
+
+
+@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
+def transport_backend(request: pytest.FixtureRequest) -> tuple[str, KafkaConfig | None]:
+    # resolved here, synchronously, so that memory runs never start a broker
+    if request.param == "kafka":
+        return "kafka", request.getfixturevalue("kafka_config")
+    return "memory", None
+
+
+@pytest_asyncio.fixture
+async def transport(
+    transport_backend: tuple[str, KafkaConfig | None], request: pytest.FixtureRequest
+) -> AsyncIterator[TransportKit]:
+    name, config = transport_backend
+    topic = unique_topic_name(request)
+    if config is None:
+        broker = MemoryBroker()
+        kit = TransportKit(
+            name,
+            topic,
+            lambda: MemoryPublisher(broker),
+            lambda t, g: MemoryConsumer(broker, t, g),
+            lambda t, g: MemoryConsumer(broker, t, g),  # the twin's consumer is its probe
+        )
+    else:
+        await ensure_topics(config, {topic: 3})
+        kit = TransportKit(
+            name,
+            topic,
+            lambda: KafkaPublisher(config),
+            lambda t, g: KafkaConsumer(config, t, g),
+            lambda t, g: KafkaDepth(config, t, g),
+        )
+    try:
+        yield kit
+    finally:
+        await kit.close()
+
+
+def _group() -> str:
+    return f"group-{uuid.uuid4().hex[:8]}"
+
+
+async def drain(consumer: Consumer, count: int, within_s: float = 15.0) -> list[Delivery]:
+    """Fetch until ``count`` messages arrived (or the time is up; the caller asserts)."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + within_s
+    while len(got) < count and time.monotonic() < deadline:
+        got += await consumer.fetch(count - len(got), 0.25)
+    return got
+
+
+async def quiet(consumer: Consumer, for_s: float = 1.0) -> list[Delivery]:
+    """Everything that arrives within ``for_s``; the caller usually expects nothing."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + for_s
+    while time.monotonic() < deadline:
+        got += await consumer.fetch(100, max(0.0, deadline - time.monotonic()))
+    return got
+
+
+async def publish_values(publisher: Publisher, topic: str, values: list[bytes]) -> None:
+    for value in values:
+        await publisher.publish(topic, value, key=KEY)
+
+
+def values(deliveries: list[Delivery]) -> list[bytes | None]:
+    return [d.value for d in deliveries]
+
+
+async def eventually_depth(probe: DepthProbe, expected: int, within_s: float = 10.0) -> QueueDepth:
+    depth = await probe.depth()
+    deadline = time.monotonic() + within_s
+    while depth.backlog != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        depth = await probe.depth()
+    return depth
+
+
+# --- the shared behaviour --------------------------------------------------------------------
+
+
+async def test_publish_then_fetch_returns_value_key_and_headers(transport: TransportKit) -> None:
+    publisher = await transport.publisher()
+    consumer = await transport.consumer(_group())
+    headers = [("ce_type", b"inferq.job.requested"), ("ce_id", b"job-1")]
+    await publisher.publish(transport.topic, b'{"x": 1}', key=b"job-1", headers=headers)
+
+    [delivery] = await drain(consumer, 1)
+
+    assert delivery.value == b'{"x": 1}'
+    assert delivery.key == b"job-1"
+    assert dict(delivery.headers) == dict(headers)
+    assert delivery.source == transport.topic
+    assert re.fullmatch(r"\d+@\d+", delivery.position)
+    assert delivery.receive_count == 1
+
+
+async def test_message_without_key_or_headers(transport: TransportKit) -> None:
+    publisher = await transport.publisher()
+    consumer = await transport.consumer(_group())
+    await publisher.publish(transport.topic, b"bare")
+
+    [delivery] = await drain(consumer, 1)
+
+    assert (delivery.value, delivery.key, dict(delivery.headers)) == (b"bare", None, {})
+
+
+async def test_uncommitted_messages_go_to_the_next_consumer_of_the_group(
+    transport: TransportKit,
+) -> None:
+    group = _group()
+    publisher = await transport.publisher()
+    await publish_values(publisher, transport.topic, [b"a", b"b", b"c"])
+    crashed = await transport.consumer(group)
+    first = await drain(crashed, 3)
+    assert values(first) == [b"a", b"b", b"c"]
+    for delivery in first:
+        crashed.ack(delivery)  # acked but never committed: not durable
+    await crashed.stop()
+
+    successor = await transport.consumer(group)
+    again = await drain(successor, 3)
+
+    assert values(again) == [b"a", b"b", b"c"]
+
+
+async def test_committed_messages_are_not_delivered_again(transport: TransportKit) -> None:
+    group = _group()
+    publisher = await transport.publisher()
+    await publish_values(publisher, transport.topic, [b"a", b"b", b"c"])
+    consumer = await transport.consumer(group)
+    for delivery in await drain(consumer, 3):
+        consumer.ack(delivery)
+    await consumer.commit()
+    await consumer.stop()
+
+    successor = await transport.consumer(group)
+    assert await quiet(successor) == []
+    # the commit belongs to the group: another group still reads everything
+    other = await transport.consumer(_group())
+    assert values(await drain(other, 3)) == [b"a", b"b", b"c"]
+    # and what arrives after the commit goes to the group's next member
+    await publisher.publish(transport.topic, b"d", key=KEY)
+    assert values(await drain(successor, 1)) == [b"d"]
+
+
+async def test_commit_with_nothing_acked_is_a_no_op(transport: TransportKit) -> None:
+    group = _group()
+    publisher = await transport.publisher()
+    await publish_values(publisher, transport.topic, [b"a"])
+    consumer = await transport.consumer(group)
+    await consumer.commit()  # nothing fetched yet
+    assert len(await drain(consumer, 1)) == 1
+    await consumer.commit()  # fetched, not acked
+    await consumer.stop()
+
+    successor = await transport.consumer(group)
+    assert values(await drain(successor, 1)) == [b"a"]
+
+
+@pytest.mark.parametrize(
+    ("count", "acked", "redelivered"),
+    [
+        (3, [1, 2], [0, 1, 2]),  # the later ones done, the first not: nothing committable
+        (4, [0, 2, 3], [1, 2, 3]),  # a gap at 1: the commit stops there
+        (4, [3, 0, 1], [2, 3]),
+    ],
+    ids=["later-two-of-three", "gap-at-second", "gap-at-third"],
+)
+async def test_out_of_order_acks_commit_only_the_contiguous_prefix(
+    transport: TransportKit, count: int, acked: list[int], redelivered: list[int]
+) -> None:
+    group = _group()
+    sent = [f"m{i}".encode() for i in range(count)]
+    publisher = await transport.publisher()
+    await publish_values(publisher, transport.topic, sent)
+    consumer = await transport.consumer(group)
+    got = await drain(consumer, count)
+    assert values(got) == sent
+    for i in acked:
+        consumer.ack(got[i])
+    await consumer.commit()
+    await consumer.stop()
+
+    successor = await transport.consumer(group)
+    again = await drain(successor, len(redelivered))
+
+    assert values(again) == [sent[i] for i in redelivered]
+    assert await quiet(successor, 0.5) == []
+
+
+async def test_depth_falls_from_backlog_to_zero_as_work_is_committed(
+    transport: TransportKit,
+) -> None:
+    group = _group()
+    probe = transport.depth(group)
+    assert (await probe.depth()).backlog == 0
+
+    publisher = await transport.publisher()
+    await publish_values(publisher, transport.topic, [f"m{i}".encode() for i in range(6)])
+    await publisher.publish(transport.topic, b"unkeyed")  # any partition
+    depth = await eventually_depth(probe, 7)
+    assert depth.backlog == 7  # a group that never committed owes everything
+    assert depth.source == transport.topic
+    assert sum(depth.partitions.values()) == depth.backlog
+
+    consumer = await transport.consumer(group)
+    got = await drain(consumer, 7)
+    assert len(got) == 7
+    assert (await probe.depth()).backlog == 7  # fetched is not done
+
+    ordered = [d for d in got if d.key == KEY]
+    for delivery in ordered[:2]:
+        consumer.ack(delivery)
+    await consumer.commit()
+    assert (await eventually_depth(probe, 5)).backlog == 5
+
+    for delivery in [*ordered[2:], *(d for d in got if d.key != KEY)]:
+        consumer.ack(delivery)
+    await consumer.commit()
+    depth = await eventually_depth(probe, 0)
+    assert depth.backlog == 0
+    assert set(depth.partitions.values()) <= {0}
+    # lag is per group: a group that never read owes all of it
+    assert (await transport.depth(_group()).depth()).backlog == 7
+
+
+async def test_empty_fetch_returns_nothing_within_its_timeout(transport: TransportKit) -> None:
+    consumer = await transport.consumer(_group())
+    started = time.monotonic()
+    assert await consumer.fetch(10, 0.3) == []
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0
+
+
+async def test_fetch_waits_for_a_message_that_arrives_meanwhile(transport: TransportKit) -> None:
+    consumer = await transport.consumer(_group())
+    publisher = await transport.publisher()
+
+    async def late() -> None:
+        await asyncio.sleep(0.2)
+        await publisher.publish(transport.topic, b"late", key=KEY)
+
+    task = asyncio.create_task(late())
+    started = time.monotonic()
+    got = await consumer.fetch(10, 5.0)  # one call: it returns once something arrives
+    elapsed = time.monotonic() - started
+    await task
+    assert values(got) == [b"late"]
+    assert elapsed < 4.0
+
+
+async def test_fetch_respects_max_records(transport: TransportKit) -> None:
+    publisher = await transport.publisher()
+    await publish_values(publisher, transport.topic, [f"m{i}".encode() for i in range(5)])
+    consumer = await transport.consumer(_group())
+    got: list[Delivery] = []
+    deadline = time.monotonic() + 15
+    while len(got) < 5 and time.monotonic() < deadline:
+        batch = await consumer.fetch(2, 0.25)
+        assert len(batch) <= 2
+        got += batch
+    assert values(got) == [f"m{i}".encode() for i in range(5)]
+
+
+# --- Kafka only ---------------------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+async def test_kafka_publish_many_is_acked_and_consumable(
+    kafka_config: KafkaConfig, topic: str
+) -> None:
+    items = [Outgoing(b"m0", b"k0", [("i", b"0")])]  # with key and headers
+    items += [Outgoing(f"m{i}".encode()) for i in range(1, 200)]
+    async with KafkaPublisher(kafka_config) as publisher:
+        assert await publisher.publish_many(topic, items) == 200
+    async with KafkaConsumer(kafka_config, topic, _group()) as consumer:
+        got = await drain(consumer, 200)
+        assert sorted(values(got)) == sorted(item.value for item in items)
+        [m0] = [d for d in got if d.value == b"m0"]
+        assert (m0.key, dict(m0.headers)) == (b"k0", {"i": b"0"})
+    async with KafkaDepth(kafka_config, topic, _group()) as probe:
+        depth = await probe.depth()
+    assert depth.backlog == 200
+    assert set(depth.partitions) == {"0", "1", "2"}
+
+
+@pytest.mark.kafka
+async def test_kafka_ensure_topics_is_idempotent(kafka_config: KafkaConfig, topic: str) -> None:
+    await ensure_topics(kafka_config, {topic: 3})
+    await ensure_topics(kafka_config, {topic: 3, f"{topic}.dlq": 1})
+    depth = await KafkaDepth(kafka_config, f"{topic}.dlq", "nobody").depth()
+    assert depth.partitions == {"0": 0}
+
+
+@pytest.mark.kafka
+async def test_kafka_depth_of_a_missing_topic_is_zero_and_creates_nothing(
+    kafka_config: KafkaConfig,
+) -> None:
+    missing = f"test.missing.{uuid.uuid4().hex[:8]}"
+    probe = KafkaDepth(kafka_config, missing, "nobody")
+    assert await probe.depth() == QueueDepth(missing, 0)
+    assert await probe.depth() == QueueDepth(missing, 0)
+
+
+@pytest.mark.kafka
+async def test_kafka_commit_on_revoke_hands_acked_work_to_the_next_member(
+    kafka_config: KafkaConfig, topic: str
+) -> None:
+    group = _group()
+    async with KafkaPublisher(kafka_config) as publisher:
+        await publish_values(publisher, topic, [b"a", b"b", b"c"])
+    first = KafkaConsumer(kafka_config, topic, group)
+    second = KafkaConsumer(kafka_config, topic, group)
+    try:
+        await first.start()
+        got = await drain(first, 3)
+        first.ack(got[0])  # acked, not committed: the revoke must commit it
+        await second.start()  # joins: the group rebalances and first gives partitions up
+        await eventually_assigned(first, second)
+        partition = int(got[0].position.split("@")[0])
+        owner = first if any(tp.partition == partition for tp in first.assignment()) else second
+        redelivered = await drain(owner, 2)
+        assert values(redelivered) == [b"b", b"c"]
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def eventually_assigned(*consumers: KafkaConsumer, within_s: float = 15.0) -> None:
+    """Until the members split all three partitions between them."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        owned = [c.assignment() for c in consumers]
+        if sum(len(a) for a in owned) == 3 and all(owned):
+            return
+        await asyncio.sleep(0.05)  # aiokafka rebalances in the background, no fetch needed
+    raise AssertionError(f"no split assignment: {[c.assignment() for c in consumers]}")
+
+
+# --- broker process and restarts ------------------------------------------------------------
+
+
+@pytest.mark.kafka
+def test_embedded_broker_stops_and_is_killed_by_its_own_pid(tmp_path: Path) -> None:
+    broker = EmbeddedKafka(tmp_path / "broker", free_port())
+    with broker:
+        pid = broker.pid
+        assert pid is not None and _alive(pid)
+        assert broker.bootstrap == f"127.0.0.1:{broker.port}"
+    assert not broker.running and not _alive(pid)
+    assert "kafka" in broker.log_path.read_text()
+
+    broker.start()  # same port and data dir
+    pid = broker.pid
+    assert pid is not None
+    broker.kill()
+    assert not _alive(pid)
+    broker.stop()  # nothing left to stop: harmless
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest_asyncio.fixture
+async def private_broker(tmp_path: Path) -> AsyncIterator[EmbeddedKafka]:
+    """A broker this test may stop and restart without disturbing the session's."""
+    broker = EmbeddedKafka(tmp_path / "broker", free_port())
+    await asyncio.to_thread(broker.start)
+    try:
+        yield broker
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_kafka_clients_survive_a_broker_restart_without_redelivering_commits(
+    private_broker: EmbeddedKafka,
+) -> None:
+    config = KafkaConfig(bootstrap=private_broker.bootstrap, client_id="inferq-restart")
+    topic, group = "restart", _group()
+    await ensure_topics(config, {topic: 1})
+    before = [f"before-{i}".encode() for i in range(10)]
+    after = [f"after-{i}".encode() for i in range(10)]
+    async with KafkaPublisher(config) as publisher, KafkaConsumer(config, topic, group) as con:
+        await publish_values(publisher, topic, before)
+        got = await drain(con, 10)
+        assert values(got) == before
+        for delivery in got:
+            con.ack(delivery)
+        await con.commit()
+
+        await asyncio.to_thread(private_broker.stop)
+        await asyncio.to_thread(private_broker.start)
+
+        await publish_values(publisher, topic, after)  # no retry: the producer reconnects
+        seen: list[bytes | None] = []
+        deadline = time.monotonic() + 60
+        while not set(after) <= set(seen) and time.monotonic() < deadline:
+            batch = await con.fetch(100, 0.25)
+            seen += values(batch)
+            for delivery in batch:
+                con.ack(delivery)
+            await con.commit()  # may lose to the rejoin after the restart: redelivery, not loss
+        assert set(after) <= set(seen), seen
+        assert not set(before) & set(seen), "committed messages came back after the restart"
+
+        # acked work sticks eventually, whatever the rejoin did to the first commits
+        await _settle(con, KafkaDepth(config, topic, group), seen)
+        assert not set(before) & set(seen)
+
+    async with KafkaConsumer(config, topic, group) as successor:
+        assert await quiet(successor) == []
+
+
+async def _settle(consumer: KafkaConsumer, probe: KafkaDepth, seen: list[bytes | None]) -> None:
+    deadline = time.monotonic() + 30
+    while (await probe.depth()).backlog and time.monotonic() < deadline:
+        batch = await consumer.fetch(100, 0.25)
+        seen += values(batch)
+        for delivery in batch:
+            consumer.ack(delivery)
+        await consumer.commit()
+    assert (await probe.depth()).backlog == 0
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_kafka_publish_to_a_stopped_broker_raises_publish_error(
+    private_broker: EmbeddedKafka,
+) -> None:
+    config = KafkaConfig(
+        bootstrap=private_broker.bootstrap, client_id="inferq-down", request_timeout_ms=1500
+    )
+    await ensure_topics(config, {"down": 1})
+    async with KafkaPublisher(config) as publisher:
+        await publisher.publish("down", b"up")
+        await asyncio.to_thread(private_broker.stop)
+        with pytest.raises(PublishError) as caught:
+            await publisher.publish("down", b"lost")
+        assert caught.value.__cause__ is not None
+        await asyncio.to_thread(private_broker.start)
+        await _publish_eventually(lambda: publisher.publish("down", b"back"))
+
+
+async def _publish_eventually(publish: Callable[[], Awaitable[None]]) -> None:
+    # after an outage the producer may need one metadata refresh before the next ack
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await publish()
+            return
+        except PublishError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)

@@ -1,0 +1,505 @@
+"""The Kafka adapter on aiokafka: publisher, consumer (manual commits), lag probe, topic admin.
+
+Only Apache Kafka semantics are relied on: a committed offset is the next offset to read,
+acks="all" plus idempotence for publishes, and a group member commits only what it owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, NamedTuple, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    for_code,
+)
+
+from transports.base import Delivery, Headers, PublishError, QueueDepth, TransportError
+from transports.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Client settings shared by the publisher, consumers and probes of one cluster."""
+
+    bootstrap: str
+    client_id: str = "inferq"
+    # producer: a 1 ms linger batches bursts without adding visible latency
+    linger_ms: int = 1
+    max_batch_size: int = 64 * 1024
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    # also bounds how long a publish may wait for metadata and for its ack
+    request_timeout_ms: int = 15_000
+    retry_backoff_ms: int = 100
+    metadata_max_age_ms: int = 60_000
+    # consumer: short broker-side waits so that a lone message is not held back
+    fetch_max_wait_ms: int = 10
+    max_partition_fetch_bytes: int = 1024 * 1024
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    isolation_level: Literal["read_uncommitted", "read_committed"] = "read_uncommitted"
+    # how long KafkaConsumer.start waits for its first partition assignment
+    join_timeout_s: float = 30.0
+    # how long a commit may wait (aiokafka retries a missing coordinator forever)
+    commit_timeout_s: float = 15.0
+
+
+class Outgoing(NamedTuple):
+    """One message for ``KafkaPublisher.publish_many``; a plain (value, key, headers) fits."""
+
+    value: bytes
+    key: bytes | None = None
+    headers: Headers = ()
+
+
+def _headers_out(headers: Headers) -> list[tuple[str, bytes]]:
+    return [(name, value) for name, value in headers]
+
+
+class KafkaPublisher:
+    """Publisher port on an idempotent, acks=all producer."""
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self.config = config
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        c = self.config
+        producer = AIOKafkaProducer(
+            bootstrap_servers=c.bootstrap,
+            client_id=c.client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=c.linger_ms,
+            max_batch_size=c.max_batch_size,
+            compression_type=c.compression_type,
+            request_timeout_ms=c.request_timeout_ms,
+            retry_backoff_ms=c.retry_backoff_ms,
+            metadata_max_age_ms=c.metadata_max_age_ms,
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise TransportError(f"cannot reach Kafka at {c.bootstrap}") from exc
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Flush what is still buffered, then close."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _require(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise TransportError("KafkaPublisher is not started")
+        return self._producer
+
+    async def publish(
+        self, destination: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+    ) -> None:
+        producer = self._require()
+        try:
+            ack = await producer.send(destination, value, key=key, headers=_headers_out(headers))
+            await ack
+        except KafkaError as exc:
+            raise PublishError(f"publish to {destination!r} not acknowledged: {exc}") from exc
+
+    async def publish_many(self, destination: str, items: Iterable[Outgoing]) -> int:
+        """Send all items at once and wait for every ack; returns how many were sent.
+
+        On failure raises PublishError after every send has settled; the ones that were
+        acknowledged stay published, so a retry of the whole list may duplicate some.
+        """
+        producer = self._require()
+        acks: list[asyncio.Future[Any]] = []
+        stopped: KafkaError | None = None
+        try:
+            for value, key, headers in items:
+                acks.append(
+                    await producer.send(destination, value, key=key, headers=_headers_out(headers))
+                )
+        except KafkaError as exc:
+            stopped = exc  # what was enqueued before it must still be awaited
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if stopped is not None or errors:
+            note = "; sending stopped early" if stopped is not None else ""
+            raise PublishError(
+                f"publish_many to {destination!r}: {len(errors)} of {len(acks)} sent were not "
+                f"acknowledged{note}"
+            ) from (stopped or errors[0])
+        return len(acks)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Commits finished work before partitions move, and drops tracking of lost ones."""
+
+    def __init__(self, owner: KafkaConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._owner._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._owner._on_assigned(set(assigned))
+
+
+class KafkaConsumer:
+    """Consumer port on a group member with manual commits of the contiguous acked prefix.
+
+    ``commit`` does not run on ``stop``: call it first, or the acknowledged-but-uncommitted
+    messages are delivered again to the next member, which is at-least-once as designed.
+    """
+
+    def __init__(self, config: KafkaConfig, topic: str, group: str) -> None:
+        self.config = config
+        self.source = topic
+        self.group = group
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tracker = OffsetTracker()
+        self._last_delivered: dict[TopicPartition, int] = {}
+        self._assigned = asyncio.Event()
+
+    async def start(self) -> None:
+        """Join the group and wait (up to ``join_timeout_s``) for the first assignment."""
+        if self._consumer is not None:
+            return
+        c = self.config
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=c.bootstrap,
+            client_id=c.client_id,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=c.fetch_max_wait_ms,
+            max_partition_fetch_bytes=c.max_partition_fetch_bytes,
+            request_timeout_ms=c.request_timeout_ms,
+            retry_backoff_ms=c.retry_backoff_ms,
+            metadata_max_age_ms=c.metadata_max_age_ms,
+            session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=c.heartbeat_interval_ms,
+            max_poll_interval_ms=c.max_poll_interval_ms,
+            isolation_level=c.isolation_level,
+        )
+        consumer.subscribe([self.source], listener=_Rebalance(self))
+        self._assigned.clear()
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise TransportError(f"cannot reach Kafka at {c.bootstrap}") from exc
+        self._consumer = consumer
+        try:
+            # the group joins in aiokafka's background task; waiting here makes the first
+            # fetch timeout mean "no messages" rather than "not a member yet"
+            await asyncio.wait_for(self._assigned.wait(), c.join_timeout_s)
+        except TimeoutError as exc:
+            await self.stop()
+            raise TransportError(
+                f"group {self.group!r} gave no assignment within {c.join_timeout_s}s"
+            ) from exc
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+        self._tracker = OffsetTracker()
+        self._last_delivered.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        return frozenset(self._consumer.assignment()) if self._consumer is not None else frozenset()
+
+    def outstanding(self) -> int:
+        """Delivered messages not yet acknowledged (or acked behind an unacked one)."""
+        return self._tracker.outstanding()
+
+    def _require(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise TransportError("KafkaConsumer is not started")
+        return self._consumer
+
+    async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        consumer = self._require()
+        try:
+            batches = await consumer.getmany(
+                timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records
+            )
+        except KafkaError as exc:
+            raise TransportError(f"fetch from {self.source!r} failed") from exc
+        out: list[Delivery] = []
+        for tp, records in batches.items():
+            if records and records[0].offset <= self._last_delivered.get(tp, -1):
+                # the position went back (offset reset): the old deliveries will come again
+                self._forget(tp)
+            for record in records:
+                self._tracker.delivered(tp, record.offset)
+                out.append(
+                    Delivery(
+                        value=record.value,
+                        key=record.key,
+                        # Kafka allows null header values; the port promises bytes
+                        headers={k: v if v is not None else b"" for k, v in record.headers},
+                        source=record.topic,
+                        position=f"{record.partition}@{record.offset}",
+                        token=(tp, record.offset),
+                    )
+                )
+            if records:
+                self._last_delivered[tp] = records[-1].offset
+        return out
+
+    def ack(self, delivery: Delivery) -> None:
+        tp, offset = delivery.token
+        self._tracker.done(tp, offset)
+
+    async def commit(self) -> None:
+        """Commit, per partition still owned, the offset after the contiguous acked prefix."""
+        consumer = self._require()
+        offsets = self._committable(consumer.assignment())
+        if not offsets:
+            return
+        try:
+            await asyncio.wait_for(consumer.commit(dict(offsets)), self.config.commit_timeout_s)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # the group moved on; whoever owns these partitions now re-reads from the last
+            # commit, so our later acks for them must not count
+            log.warning("commit for group %r lost to a rebalance: %s", self.group, exc)
+            for tp in offsets:
+                self._forget(tp)
+            return
+        except (KafkaError, TimeoutError) as exc:
+            raise TransportError(f"commit for group {self.group!r} failed") from exc
+        done: dict[Hashable, int] = dict(offsets)
+        self._tracker.mark_committed(done)
+
+    def _committable(self, owned: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        owned = set(owned)
+        offsets: dict[TopicPartition, int] = {}
+        for tp, offset in self._tracker.committable().items():
+            assert isinstance(tp, TopicPartition)
+            if tp in owned:
+                offsets[tp] = offset
+            else:
+                self._forget(tp)
+        return offsets
+
+    def _forget(self, tp: TopicPartition) -> None:
+        self._tracker.forget(tp)
+        self._last_delivered.pop(tp, None)
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            offsets = self._committable(revoked)
+            if offsets:
+                try:
+                    await asyncio.wait_for(
+                        consumer.commit(dict(offsets)), self.config.commit_timeout_s
+                    )
+                except (KafkaError, TimeoutError) as exc:
+                    log.warning(
+                        "commit on revoke for group %r failed; %d partition(s) will be "
+                        "re-read from their last commit: %s",
+                        self.group,
+                        len(offsets),
+                        exc,
+                    )
+        for tp in revoked:
+            self._forget(tp)
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.debug("group %r assigned %s", self.group, sorted(assigned))
+        self._assigned.set()
+
+
+class KafkaDepth:
+    """DepthProbe: the group's lag on one topic, summed over partitions.
+
+    Lag of a partition = end offset - committed offset; with no commit yet, everything still
+    retained counts (end - beginning), as a new group with auto_offset_reset=earliest would
+    read it all. Between ``start`` and ``stop`` the probe keeps its clients; without ``start``
+    each ``depth`` call opens and closes its own, so a caller that never stops it leaks nothing.
+    """
+
+    def __init__(self, config: KafkaConfig, topic: str, group: str) -> None:
+        self.config = config
+        self.source = topic
+        self.group = group
+        self._clients: _DepthClients | None = None
+
+    async def start(self) -> None:
+        if self._clients is None:
+            self._clients = await _DepthClients.open(self.config)
+
+    async def stop(self) -> None:
+        clients, self._clients = self._clients, None
+        if clients is not None:
+            await clients.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def depth(self) -> QueueDepth:
+        if self._clients is not None:
+            return await self._measure(self._clients)
+        clients = await _DepthClients.open(self.config)
+        try:
+            return await self._measure(clients)
+        finally:
+            await clients.close()
+
+    async def _measure(self, clients: _DepthClients) -> QueueDepth:
+        try:
+            tps = await _partitions(clients.admin, self.source)
+            if not tps:
+                return QueueDepth(self.source, 0)
+            committed = await clients.admin.list_consumer_group_offsets(self.group, partitions=tps)
+            ends = await clients.offsets.end_offsets(tps)
+            # -1 (or absent) = the group never committed on that partition
+            missing = [tp for tp in tps if tp not in committed or committed[tp].offset < 0]
+            begins = await clients.offsets.beginning_offsets(missing) if missing else {}
+        except KafkaError as exc:
+            raise TransportError(f"lag of {self.group!r} on {self.source!r} unknown") from exc
+        lags: dict[str, int] = {}
+        for tp in tps:
+            start = begins[tp] if tp in begins else committed[tp].offset
+            lags[str(tp.partition)] = max(0, ends[tp] - start)
+        return QueueDepth(self.source, sum(lags.values()), partitions=lags)
+
+
+@dataclass(frozen=True)
+class _DepthClients:
+    admin: AIOKafkaAdminClient
+    offsets: AIOKafkaConsumer  # groupless: asks for end/beginning offsets, never joins
+
+    @classmethod
+    async def open(cls, c: KafkaConfig) -> _DepthClients:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=c.bootstrap,
+            client_id=f"{c.client_id}-depth",
+            request_timeout_ms=c.request_timeout_ms,
+            metadata_max_age_ms=c.metadata_max_age_ms,
+        )
+        offsets = AIOKafkaConsumer(
+            bootstrap_servers=c.bootstrap,
+            client_id=f"{c.client_id}-depth",
+            group_id=None,
+            enable_auto_commit=False,
+            request_timeout_ms=c.request_timeout_ms,
+            metadata_max_age_ms=c.metadata_max_age_ms,
+            isolation_level=c.isolation_level,
+        )
+        clients = cls(admin, offsets)
+        try:
+            await admin.start()
+            await offsets.start()
+        except KafkaError as exc:
+            await clients.close()
+            raise TransportError(f"cannot reach Kafka at {c.bootstrap}") from exc
+        return clients
+
+    async def close(self) -> None:
+        # aiokafka's groupless consumer fails its stop() with CancelledError when stopped
+        # before its background task ever ran; one loop turn lets that task start
+        await asyncio.sleep(0)
+        try:
+            await self.offsets.stop()
+        finally:
+            await self.admin.close()
+
+
+async def _partitions(admin: AIOKafkaAdminClient, topic: str) -> list[TopicPartition]:
+    # metadata for all topics: asking for one by name may auto-create it on some brokers
+    for meta in await admin.describe_topics():
+        if meta["topic"] == topic and meta["error_code"] == 0:
+            return sorted(TopicPartition(topic, p["partition"]) for p in meta["partitions"])
+    return []
+
+
+async def ensure_topics(config: KafkaConfig, topics: Mapping[str, int]) -> None:
+    """Create the topics that are missing with the given partition counts (replication 1).
+
+    An existing topic is left as it is; fewer partitions than asked for is logged.
+    """
+    if not topics:
+        return
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.bootstrap,
+        client_id=f"{config.client_id}-admin",
+        request_timeout_ms=config.request_timeout_ms,
+    )
+    try:
+        await admin.start()
+        response = await admin.create_topics(
+            [NewTopic(name, partitions, 1) for name, partitions in topics.items()]
+        )
+        existing: list[str] = []
+        for name, code, *rest in response.topic_errors:
+            error = for_code(code)
+            if error is TopicAlreadyExistsError:
+                existing.append(name)
+            elif code != 0:
+                message = rest[0] if rest else None
+                raise TransportError(f"cannot create topic {name!r}: {message or error.__name__}")
+        if existing:
+            for meta in await admin.describe_topics(existing):
+                have, want = len(meta["partitions"]), topics[meta["topic"]]
+                if have < want:
+                    log.warning(
+                        "topic %r has %d partitions, fewer than the %d configured",
+                        meta["topic"],
+                        have,
+                        want,
+                    )
+    except KafkaError as exc:
+        raise TransportError(f"cannot create topics {sorted(topics)}") from exc
+    finally:
+        await admin.close()

@@ -1,0 +1,77 @@
+"""The micro-batcher: one queue per model version, flushed at max_batch_size or max_wait_ms.
+
+Batches never mix models. While a batch runs, the next one fills, so under load the batch
+size grows by itself; at low load a job waits at most ``max_wait_ms`` for company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class Batch(Generic[T]):
+    items: list[T]
+    waited_s: float  # how long the first item waited for the batch to close
+
+
+@dataclass
+class MicroBatcher(Generic[T]):
+    max_batch_size: int
+    max_wait_s: float
+    handler: Callable[[Batch[T]], Awaitable[None]]
+    _queue: asyncio.Queue[tuple[float, T]] = field(default_factory=asyncio.Queue)
+    _task: asyncio.Task[None] | None = None
+    _busy: bool = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="micro-batcher")
+
+    def put(self, item: T) -> None:
+        self._queue.put_nowait((asyncio.get_running_loop().time(), item))
+
+    def pending(self) -> int:
+        return self._queue.qsize() + (1 if self._busy else 0)
+
+    async def drain(self) -> None:
+        """Wait until every queued item went through the handler."""
+        while self._queue.qsize() or self._busy:
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first_at, first = await self._queue.get()
+            self._busy = True
+            items = [first]
+            deadline = first_at + self.max_wait_s
+            while len(items) < self.max_batch_size:
+                try:
+                    items.append(self._queue.get_nowait()[1])
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append((await asyncio.wait_for(self._queue.get(), remaining))[1])
+                except TimeoutError:
+                    break
+            try:
+                await self.handler(Batch(items, loop.time() - first_at))
+            finally:
+                self._busy = False

@@ -1,0 +1,395 @@
+"""The consume loop: pull, decode, claim, micro-batch, infer off the loop, store, commit.
+
+Delivery rule: a message is acknowledged only after its job's outcome is durably stored (or
+the job was already terminal, or its dead letter was acknowledged by the broker), and the
+transport commits only the contiguous acknowledged prefix. A crash anywhere therefore means
+redelivery, never loss; the job store's guarded transitions make the outcome effectively once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from dlq.router import DeadLetter, DeadLetterRouter
+from jobstore.records import JobRecord, NewJob, Outcome
+from jobstore.store import JobStore
+from schemas.contracts import ContractViolation, ModelConfig, resolve_version, validate_input
+from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
+from schemas.errors import ErrorCode
+from schemas.jobs import JobStatus
+from transports.base import Consumer, Delivery, DepthProbe
+from workers.adapters import LoadedModel
+from workers.batcher import Batch, MicroBatcher
+from workers.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    fetch_max_records: int = 512
+    fetch_timeout_s: float = 0.1
+    lease_s: float = 300.0
+    heartbeat_interval_s: float = 5.0
+    depth_interval_s: float = 5.0
+    max_pending_writes: int = 2
+
+
+@dataclass
+class WorkItem:
+    record: JobRecord
+    payload: BaseModel
+    delivery: Delivery
+    enqueued_at: float
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    envelope: JobEnvelope
+    config: ModelConfig
+    payload: BaseModel
+    delivery: Delivery
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        consumer: Consumer,
+        store: JobStore,
+        models: Mapping[tuple[str, str], LoadedModel],
+        dead_letters: DeadLetterRouter,
+        metrics: WorkerMetrics,
+        config: WorkerConfig,
+        depth: DepthProbe | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.store = store
+        self.models = dict(models)
+        self.configs = [m.config for m in self.models.values()]
+        self.dead_letters = dead_letters
+        self.metrics = metrics
+        self.config = config
+        self.depth = depth
+        # one inference thread per model keeps batches of a model in order and off the loop
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=max(1, len(self.models)), thread_name_prefix="inferq-infer"
+        )
+        self._batchers: dict[tuple[str, str], MicroBatcher[WorkItem]] = {}
+        self._in_flight: set[str] = set()
+        self._writes = asyncio.Semaphore(config.max_pending_writes)
+        self._write_tasks: set[asyncio.Task[None]] = set()
+        self._commit_lock = asyncio.Lock()
+        self.processed = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for key, model in self.models.items():
+            batcher: MicroBatcher[WorkItem] = MicroBatcher(
+                model.config.max_batch_size,
+                model.config.max_wait_ms / 1000.0,
+                self._make_handler(model),
+            )
+            batcher.start()
+            self._batchers[key] = batcher
+            self.metrics.model_info.labels(key[0], key[1], model.provider).set(1)
+        await self.consumer.start()
+        side = [asyncio.create_task(self._heartbeats(stop), name="heartbeat")]
+        if self.depth is not None:
+            side.append(asyncio.create_task(self._depth_loop(stop), name="depth"))
+        try:
+            while not stop.is_set():
+                deliveries = await self.consumer.fetch(
+                    self.config.fetch_max_records, self.config.fetch_timeout_s
+                )
+                if deliveries:
+                    await self._admit(deliveries)
+                    # don't read far ahead of the models: bounded memory, fair redelivery
+                    while len(self._in_flight) > 4 * self.config.fetch_max_records:
+                        await asyncio.sleep(0.005)
+        finally:
+            await self._drain()
+            for task in side:
+                task.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
+            await self.consumer.stop()
+
+    async def _drain(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.drain()
+        if self._write_tasks:
+            await asyncio.gather(*self._write_tasks, return_exceptions=True)
+        await self._commit()
+        for batcher in self._batchers.values():
+            await batcher.stop()
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def _admit(self, deliveries: list[Delivery]) -> None:
+        accepted: list[_Accepted] = []
+        seen: set[str] = set()
+        for delivery in deliveries:
+            try:
+                envelope = decode_message(delivery.headers, delivery.value)
+            except EnvelopeError as exc:
+                await self._poison(delivery, exc.code, exc.message, job_id=exc.job_id, exc=exc)
+                continue
+            job_id = envelope.id
+            if job_id in seen or job_id in self._in_flight:
+                # the same event twice: the first copy's outcome stands for both
+                self.metrics.skipped.labels("duplicate").inc()
+                self.consumer.ack(delivery)
+                continue
+            request = envelope.data
+            config = resolve_version(self.configs, request.model, request.version)
+            if config is None:
+                known = any(c.name == request.model for c in self.configs)
+                code = ErrorCode.UNKNOWN_VERSION if known else ErrorCode.UNKNOWN_MODEL
+                field = "version" if known else "model"
+                msg = f"{field} {request.version if known else request.model!r} is not served"
+                await self._poison(delivery, code, msg, envelope=envelope)
+                continue
+            try:
+                payload = validate_input(config.adapter, request.input)
+            except ContractViolation as exc:
+                await self._poison(
+                    delivery, ErrorCode.INVALID_INPUT, exc.message, envelope=envelope, exc=exc
+                )
+                continue
+            seen.add(job_id)
+            accepted.append(_Accepted(envelope, config, payload, delivery))
+        if not accepted:
+            await self._commit()
+            return
+
+        new_jobs = [_new_job(a.envelope, a.config) for a in accepted]
+        ids = [a.envelope.id for a in accepted]
+        claim = await asyncio.to_thread(self._ensure_and_claim, new_jobs, ids)
+        by_id = {r.id: r for r in claim.claimed}
+        now = asyncio.get_running_loop().time()
+        for a in accepted:
+            record = by_id.get(a.envelope.id)
+            if record is None:
+                status = claim.skipped.get(a.envelope.id)
+                self.metrics.skipped.labels(str(status.value) if status else "missing").inc()
+                self.consumer.ack(a.delivery)
+                continue
+            self._in_flight.add(record.id)
+            self._batchers[a.config.key].put(WorkItem(record, a.payload, a.delivery, now))
+        self.metrics.in_flight.set(len(self._in_flight))
+        await self._commit()
+
+    def _ensure_and_claim(self, new_jobs: list[NewJob], ids: list[str]) -> Any:
+        self.store.ensure(new_jobs)
+        return self.store.claim(ids, worker_id=self.config.worker_id, lease_s=self.config.lease_s)
+
+    async def _poison(
+        self,
+        delivery: Delivery,
+        code: ErrorCode,
+        message: str,
+        *,
+        job_id: str | None = None,
+        envelope: JobEnvelope | None = None,
+        exc: Exception | None = None,
+    ) -> None:
+        """Contract breakers never run: the row (if any) says why, the DLQ keeps the message."""
+        model = version = None
+        if envelope is not None:
+            job_id = envelope.id
+            model, version = envelope.data.model, envelope.data.version
+            await asyncio.to_thread(self._fail_row, envelope, code, message)
+        elif job_id is not None:
+            # the id is readable but the rest is not: a failed row lets the publisher see why
+            await asyncio.to_thread(self._fail_unreadable, job_id, delivery, code, message)
+        letter = DeadLetter(
+            delivery=delivery,
+            code=code.value,
+            message=message,
+            job_id=job_id,
+            model=model,
+            version=version,
+            exception=type(exc).__name__ if exc else None,
+            attempts=delivery.receive_count,
+        )
+        await self.dead_letters.send(letter)
+        self.metrics.dead_letters.labels(code.value).inc()
+        log.warning("dead-lettered %s (%s): %s", delivery.position, code.value, message)
+        self.consumer.ack(delivery)
+
+    def _fail_unreadable(
+        self, job_id: str, delivery: Delivery, code: ErrorCode, message: str
+    ) -> None:
+        self.store.ensure([NewJob(id=job_id, model="unknown", version=None, input={},
+                                  source=f"{delivery.source}@{delivery.position}")])
+        self.store.fail_unstarted(job_id, code.value, message)
+
+    def _fail_row(self, envelope: JobEnvelope, code: ErrorCode, message: str) -> None:
+        self.store.ensure([_new_job(envelope, None)])
+        self.store.fail_unstarted(envelope.id, code.value, message)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def _make_handler(self, model: LoadedModel) -> Any:
+        async def handle(batch: Batch[WorkItem]) -> None:
+            name, version = model.config.key
+            self.metrics.batch_size.labels(name).observe(len(batch.items))
+            self.metrics.batch_wait.labels(name).observe(batch.waited_s)
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            results = await loop.run_in_executor(self.executor, _run_isolating, model, batch.items)
+            self.metrics.inference.labels(name, version).observe(time.perf_counter() - started)
+            outcomes = [_outcome(item, result) for item, result in zip(batch.items, results, strict=True)]
+            # store while the next batch runs; bounded so a slow store slows intake
+            await self._writes.acquire()
+            task = asyncio.create_task(self._persist(model, batch.items, outcomes))
+            self._write_tasks.add(task)
+            task.add_done_callback(self._write_tasks.discard)
+
+        return handle
+
+    async def _persist(
+        self, model: LoadedModel, items: list[WorkItem], outcomes: list[Outcome]
+    ) -> None:
+        try:
+            await self._store_outcomes(outcomes)
+            name = model.config.name
+            now = datetime.now(UTC)
+            for item, outcome in zip(items, outcomes, strict=True):
+                self.metrics.jobs.labels(name, outcome.status.value).inc()
+                self.metrics.end_to_end.labels(name).observe(
+                    (now - item.record.created_at).total_seconds()
+                )
+                if outcome.status is JobStatus.FAILED:
+                    await self.dead_letters.send(_inference_letter(item, outcome))
+                    self.metrics.dead_letters.labels(outcome.error_code or "unknown").inc()
+                self.consumer.ack(item.delivery)
+                self._in_flight.discard(item.record.id)
+            self.processed += len(items)
+            self.metrics.in_flight.set(len(self._in_flight))
+            await self._commit()
+        finally:
+            self._writes.release()
+
+    async def _store_outcomes(self, outcomes: list[Outcome]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await asyncio.to_thread(self.store.complete, outcomes)
+                return
+            except Exception as exc:  # the store is down: keep the outcome, retry, never ack
+                log.warning("storing %d outcomes failed, retrying: %s", len(outcomes), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _commit(self) -> None:
+        async with self._commit_lock:
+            try:
+                await self.consumer.commit()
+            except Exception as exc:  # a failed commit only means redelivery later
+                log.warning("offset commit failed: %s", exc)
+
+    # -- side loops ------------------------------------------------------------------------
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        models = [
+            {"name": m.config.name, "version": m.config.version, "provider": m.provider}
+            for m in self.models.values()
+        ]
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.store.heartbeat, self.config.worker_id, models)
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await _sleep_until(stop, self.config.heartbeat_interval_s)
+
+    async def _depth_loop(self, stop: asyncio.Event) -> None:
+        assert self.depth is not None
+        while not stop.is_set():
+            try:
+                depth = await self.depth.depth()
+                self.metrics.lag.labels(depth.source).set(depth.backlog)
+            except Exception as exc:
+                log.debug("depth probe failed: %s", exc)
+            await _sleep_until(stop, self.config.depth_interval_s)
+
+
+async def _sleep_until(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
+    request = envelope.data
+    created = envelope.time or datetime.now(UTC)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    expires = None
+    if request.ttl_s is not None:
+        expires = created + timedelta(seconds=request.ttl_s)
+    return NewJob(
+        id=envelope.id,
+        model=request.model,
+        version=config.version if config else request.version,
+        input=request.input,
+        priority=request.priority,
+        expires_at=expires,
+        metadata=request.metadata,
+        webhook=request.webhook.model_dump(mode="json") if request.webhook else None,
+        source=envelope.source,
+        created_at=created,
+    )
+
+
+def _run_isolating(model: LoadedModel, items: list[WorkItem]) -> list[dict[str, Any] | Exception]:
+    """Run a batch; when it fails, split it so one bad item does not fail its neighbours."""
+    try:
+        return list(model.run([i.payload for i in items]))
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc]
+        mid = len(items) // 2
+        return _run_isolating(model, items[:mid]) + _run_isolating(model, items[mid:])
+
+
+def _outcome(item: WorkItem, result: dict[str, Any] | Exception) -> Outcome:
+    if isinstance(result, Exception):
+        return Outcome(
+            job_id=item.record.id,
+            attempt=item.record.attempts,
+            status=JobStatus.FAILED,
+            error_code=ErrorCode.INFERENCE_FAILED.value,
+            error_message=f"{type(result).__name__}: {result}"[:1000],
+            retryable=False,
+        )
+    return Outcome(
+        job_id=item.record.id, attempt=item.record.attempts, status=JobStatus.SUCCEEDED,
+        result=result,
+    )
+
+
+def _inference_letter(item: WorkItem, outcome: Outcome) -> DeadLetter:
+    return DeadLetter(
+        delivery=item.delivery,
+        code=outcome.error_code or ErrorCode.INFERENCE_FAILED.value,
+        message=outcome.error_message or "",
+        job_id=item.record.id,
+        model=item.record.model,
+        version=item.record.version,
+        exception=(outcome.error_message or "").split(":", 1)[0] or None,
+        attempts=item.record.attempts,
+    )
