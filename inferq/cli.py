@@ -26,8 +26,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     return run_dev(
         _settings(args),
-        DevOptions(port=args.port, kafka_port=args.kafka_port, workers=args.workers,
-                   transport=args.transport, build_models=not args.no_build),
+        DevOptions(
+            port=args.port,
+            kafka_port=args.kafka_port,
+            workers=args.workers,
+            transport=args.transport,
+            build_models=not args.no_build,
+        ),
     )
 
 
@@ -42,8 +47,13 @@ def cmd_api(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"inferq api: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 
@@ -92,8 +102,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     for c in ModelRepository(settings.resolved_model_repository).configs():
         default = " (default)" if c.default else ""
-        print(f"{c.name}/{c.version}{default}  adapter={c.adapter}  "
-              f"max_batch_size={c.max_batch_size}  max_wait_ms={c.max_wait_ms}")
+        print(
+            f"{c.name}/{c.version}{default}  adapter={c.adapter}  "
+            f"max_batch_size={c.max_batch_size}  max_wait_ms={c.max_wait_ms}"
+        )
     return 0
 
 
@@ -107,11 +119,15 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"inferq topics create: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(ensure_topics(
-        config, {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
-    ))
-    print(f"topics ready: {settings.kafka_topic} ({settings.kafka_partitions} partitions), "
-          f"{settings.dlq_topic}")
+    asyncio.run(
+        ensure_topics(
+            config, {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
+        )
+    )
+    print(
+        f"topics ready: {settings.kafka_topic} ({settings.kafka_partitions} partitions), "
+        f"{settings.dlq_topic}"
+    )
     return 0
 
 

@@ -116,36 +116,44 @@ def run_dev(settings: Settings, options: DevOptions) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     env = dict(os.environ)
-    env.update({
-        "INFERQ_KAFKA_BOOTSTRAP": bootstrap,
-        "INFERQ_DATA_DIR": str(settings.data_dir),
-        "INFERQ_API_PORT": str(options.port),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "INFERQ_KAFKA_BOOTSTRAP": bootstrap,
+            "INFERQ_DATA_DIR": str(settings.data_dir),
+            "INFERQ_API_PORT": str(options.port),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     children: list[Child] = []
     code = 0
     try:
         from inferq.wiring import kafka_config, open_store
         from transports.kafka import ensure_topics
 
-        asyncio.run(ensure_topics(
-            kafka_config(settings.model_copy(update={"kafka_bootstrap": bootstrap}), "dev"),
-            {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1},
-        ))
+        asyncio.run(
+            ensure_topics(
+                kafka_config(settings.model_copy(update={"kafka_bootstrap": bootstrap}), "dev"),
+                {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1},
+            )
+        )
         open_store(settings).close()  # schema in place before the children race for it
 
         def spawn(name: str, args: list[str], extra: dict[str, str]) -> None:
             # a session of its own: Ctrl-C reaches only us, and we stop children in order
             process = subprocess.Popen(
-                [sys.executable, "-m", "inferq", *args], env={**env, **extra},
+                [sys.executable, "-m", "inferq", *args],
+                env={**env, **extra},
                 start_new_session=True,
             )
             children.append(Child(name, process))
 
         for i in range(options.workers):
             port = settings.worker_metrics_port + i
-            spawn(f"worker-{i}", ["worker"], {"INFERQ_WORKER_METRICS_PORT": str(port),
-                                              "INFERQ_WORKER_ID": f"dev-worker-{i}"})
+            spawn(
+                f"worker-{i}",
+                ["worker"],
+                {"INFERQ_WORKER_METRICS_PORT": str(port), "INFERQ_WORKER_ID": f"dev-worker-{i}"},
+            )
         spawn("api", ["api", "--port", str(options.port)], {})
 
         api = f"http://127.0.0.1:{options.port}"
@@ -153,13 +161,17 @@ def run_dev(settings: Settings, options: DevOptions) -> int:
             raise RuntimeError("the API did not come up")
         _say("ready")
         _say(f"  API        {api}   (docs {api}/docs, AsyncAPI {api}/asyncapi.json)")
-        _say(f"  metrics    {api}/metrics, workers on 127.0.0.1:{settings.worker_metrics_port}"
-             f"..{settings.worker_metrics_port + options.workers - 1}")
+        _say(
+            f"  metrics    {api}/metrics, workers on 127.0.0.1:{settings.worker_metrics_port}"
+            f"..{settings.worker_metrics_port + options.workers - 1}"
+        )
         _say(f"  Kafka      {bootstrap}   topics {settings.kafka_topic}, {settings.dlq_topic}")
         _say(f"  job store  {settings.resolved_database_url}")
         _say(f"  models     {settings.resolved_model_repository}")
-        _say(f"  try: curl -s -XPOST {api}/v1/jobs -H 'content-type: application/json' "
-             "-d '{\"model\":\"minilm\",\"input\":{\"text\":\"hello\"}}'")
+        _say(
+            f"  try: curl -s -XPOST {api}/v1/jobs -H 'content-type: application/json' "
+            '-d \'{"model":"minilm","input":{"text":"hello"}}\''
+        )
         _say("Ctrl-C stops everything")
         while not stopping:
             for child in children:

@@ -32,13 +32,19 @@ class ConfigError(Exception):
     """The settings cannot work (a required server is not configured, no models, ...)."""
 
 
-def kafka_config(settings: Settings, client_id: str) -> KafkaConfig:
+def kafka_config(
+    settings: Settings, client_id: str, *, group_instance_id: str | None = None
+) -> KafkaConfig:
     if not settings.kafka_bootstrap:
         raise ConfigError(
             "INFERQ_KAFKA_BOOTSTRAP is not set: point it at a Kafka broker "
             "(host:port), or run `inferq dev`, which starts an embedded one"
         )
-    return KafkaConfig(bootstrap=settings.kafka_bootstrap, client_id=client_id)
+    return KafkaConfig(
+        bootstrap=settings.kafka_bootstrap,
+        client_id=client_id,
+        group_instance_id=group_instance_id,
+    )
 
 
 def open_store(settings: Settings) -> JobStore:
@@ -70,7 +76,9 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
             asyncapi=asyncapi_document(
-                settings.kafka_bootstrap or "", settings.kafka_topic, settings.dlq_topic,
+                settings.kafka_bootstrap or "",
+                settings.kafka_topic,
+                settings.dlq_topic,
                 settings.kafka_group,
             ),
         ),
@@ -84,8 +92,7 @@ def load_models(settings: Settings) -> dict[tuple[str, str], LoadedModel]:
     configs = repo.configs()
     if not configs:
         raise ConfigError(
-            f"no models in {repo.root}: run `inferq models build` "
-            "(or set INFERQ_MODEL_REPOSITORY)"
+            f"no models in {repo.root}: run `inferq models build` (or set INFERQ_MODEL_REPOSITORY)"
         )
     providers = choose_providers(settings.provider_preference)
     return {c.key: load_model(repo, c, providers, settings.inference_threads) for c in configs}
@@ -103,12 +110,16 @@ async def run_worker(
     for (name, version), model in models.items():
         log.info("model %s/%s on %s", name, version, model.provider)
     wid = worker_id(settings)
-    config = kafka_config(settings, client_id=f"inferq-worker-{wid}")
+    # a stable, configured worker id makes the worker a static group member
+    config = kafka_config(
+        settings, client_id=f"inferq-worker-{wid}", group_instance_id=settings.worker_id
+    )
     await ensure_topics(
         config, {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
     )
     publisher = KafkaPublisher(config)
     await publisher.start()
+    depth = KafkaDepth(config, settings.kafka_topic, settings.kafka_group)
     worker = Worker(
         consumer=KafkaConsumer(config, settings.kafka_topic, settings.kafka_group),
         store=store,
@@ -120,11 +131,13 @@ async def run_worker(
             fetch_max_records=settings.worker_fetch_max_records,
             lease_s=settings.worker_lease_s,
         ),
-        depth=KafkaDepth(config, settings.kafka_topic, settings.kafka_group),
+        depth=depth,
     )
     try:
+        await depth.start()
         await worker.run(stop)
     finally:
+        await depth.stop()
         await publisher.stop()
         store.close()
     return worker

@@ -104,7 +104,9 @@ def new_job_id() -> str:
     """A UUIDv7: time-ordered, so ids sort roughly by creation."""
     ms = int(time.time() * 1000)
     rand = uuid.uuid4().int & ((1 << 74) - 1)
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    value = (
+        (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    )
     return str(uuid.UUID(int=value))
 
 
@@ -152,7 +154,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
     return app
 
 
-def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP surface
+def _routes(app: FastAPI) -> None:
     @app.post(
         "/v1/jobs",
         status_code=202,
@@ -167,9 +169,13 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> JobResource:
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
-            raise _reject(st, 400, ErrorCode.INVALID_IDEMPOTENCY_KEY,
-                          "Idempotency-Key must be 1-255 printable ASCII characters",
-                          "Idempotency-Key")
+            raise _reject(
+                st,
+                400,
+                ErrorCode.INVALID_IDEMPOTENCY_KEY,
+                "Idempotency-Key must be 1-255 printable ASCII characters",
+                "Idempotency-Key",
+            )
         config = _resolve(st, body)
         try:
             validate_input(config.adapter, body.input)
@@ -179,19 +185,28 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
         backlog = await st.backlog.current()
         st.metrics.backlog.set(backlog)
         if backlog >= st.deps.config.max_backlog:
-            raise _reject(st, 429, ErrorCode.BACKLOG_FULL,
-                          f"backlog of {backlog} jobs is at its limit of "
-                          f"{st.deps.config.max_backlog}; retry later",
-                          None, headers={"Retry-After": "5"})
+            raise _reject(
+                st,
+                429,
+                ErrorCode.BACKLOG_FULL,
+                f"backlog of {backlog} jobs is at its limit of "
+                f"{st.deps.config.max_backlog}; retry later",
+                None,
+                headers={"Retry-After": "5"},
+            )
 
         job = _new_job(body, config, idempotency_key, st.deps.config.source)
         try:
             record, created = await asyncio.to_thread(st.deps.store.create, job)
         except IdempotencyConflict as exc:
-            raise _reject(st, 409, ErrorCode.IDEMPOTENCY_CONFLICT,
-                          "this Idempotency-Key was used with a different request body",
-                          "Idempotency-Key",
-                          details={"job_id": exc.existing.id}) from exc
+            raise _reject(
+                st,
+                409,
+                ErrorCode.IDEMPOTENCY_CONFLICT,
+                "this Idempotency-Key was used with a different request body",
+                "Idempotency-Key",
+                details={"job_id": exc.existing.id},
+            ) from exc
         if not created:
             response.status_code = 200
             response.headers["Location"] = f"/v1/jobs/{record.id}"
@@ -203,12 +218,19 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
             await st.publisher.publish(envelope)
         except PublishUnavailable as exc:
             await asyncio.to_thread(
-                st.deps.store.abandon_unpublished, record.id,
-                ErrorCode.PUBLISH_UNAVAILABLE.value, f"the broker did not acknowledge: {exc}",
+                st.deps.store.abandon_unpublished,
+                record.id,
+                ErrorCode.PUBLISH_UNAVAILABLE.value,
+                f"the broker did not acknowledge: {exc}",
             )
-            raise _reject(st, 503, ErrorCode.PUBLISH_UNAVAILABLE,
-                          "the job bus is unavailable; the job was not accepted, retry later",
-                          None, headers={"Retry-After": "2"}) from exc
+            raise _reject(
+                st,
+                503,
+                ErrorCode.PUBLISH_UNAVAILABLE,
+                "the job bus is unavailable; the job was not accepted, retry later",
+                None,
+                headers={"Retry-After": "2"},
+            ) from exc
         finally:
             st.metrics.publish_retries.inc(st.publisher.retries - retries_before)
         st.metrics.submitted.labels(config.name).inc()
@@ -220,24 +242,28 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
     async def get_job(
         job_id: str,
         st: State,
-        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S,
-                                     description="Hold up to N seconds until terminal.")] = 0,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=MAX_WAIT_S,
+                description="Hold up to N seconds until the job is terminal (or, for an id not "
+                "yet known, until it appears).",
+            ),
+        ] = 0,
     ) -> JobResource:
         store = st.deps.store
         record = await asyncio.to_thread(store.get, job_id)
+        # With ?wait, an id not yet known is waited for too: a job published straight onto
+        # the bus has no row until a worker picks it up.
+        deadline = time.monotonic() + wait
+        interval = 0.002
+        while (record is None or not record.status.terminal) and time.monotonic() < deadline:
+            await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+            record = await asyncio.to_thread(store.get, job_id) or record
+            interval = min(interval * 1.5, 0.05)
         if record is None:
             raise _not_found(job_id)
-        if wait > 0 and not record.status.terminal:
-            deadline = time.monotonic() + wait
-            interval = 0.002
-            while time.monotonic() < deadline:
-                await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-                fresh = await asyncio.to_thread(store.get, job_id)
-                if fresh is not None:
-                    record = fresh
-                if record.status.terminal:
-                    break
-                interval = min(interval * 1.5, 0.05)
         return record.to_resource()
 
     @app.get("/v1/jobs", response_model=JobPage, responses=_ERRORS, tags=["jobs"])
@@ -253,21 +279,26 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
                 st.deps.store.list, status=status, model=model, limit=limit, cursor=cursor
             )
         except InvalidCursor as exc:
-            raise ApiError(400, ErrorCode.INVALID_CURSOR, "cursor is malformed or expired",
-                           field="cursor") from exc
+            raise ApiError(
+                400, ErrorCode.INVALID_CURSOR, "cursor is malformed or expired", field="cursor"
+            ) from exc
         return JobPage(data=[r.to_resource() for r in records], next_cursor=next_cursor)
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobResource, responses=_ERRORS,
-              tags=["jobs"])
+    @app.post(
+        "/v1/jobs/{job_id}/cancel", response_model=JobResource, responses=_ERRORS, tags=["jobs"]
+    )
     async def cancel_job(job_id: str, st: State) -> JobResource:
         try:
             record = await asyncio.to_thread(st.deps.store.cancel, job_id)
         except JobNotFound as exc:
             raise _not_found(job_id) from exc
         except IllegalTransition as exc:
-            raise ApiError(409, ErrorCode.JOB_NOT_CANCELLABLE,
-                           f"job {job_id} is {exc.current.value}; only queued jobs can be "
-                           "cancelled", field="status") from exc
+            raise ApiError(
+                409,
+                ErrorCode.JOB_NOT_CANCELLABLE,
+                f"job {job_id} is {exc.current.value}; only queued jobs can be cancelled",
+                field="status",
+            ) from exc
         return record.to_resource()
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
@@ -276,12 +307,18 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
         data = []
         for c in sorted(st.deps.models(), key=lambda c: (c.name, c.version)):
             schema = _input_schema(c.adapter)
-            data.append(ModelInfo(
-                name=c.name, version=c.version,
-                default=resolve_version(st.deps.models(), c.name, None) == c,
-                adapter=c.adapter, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
-                input_schema=schema, providers=sorted(providers.get(c.key, set())),
-            ))
+            data.append(
+                ModelInfo(
+                    name=c.name,
+                    version=c.version,
+                    default=resolve_version(st.deps.models(), c.name, None) == c,
+                    adapter=c.adapter,
+                    max_batch_size=c.max_batch_size,
+                    max_wait_ms=c.max_wait_ms,
+                    input_schema=schema,
+                    providers=sorted(providers.get(c.key, set())),
+                )
+            )
         return ModelList(data=data)
 
     @app.get("/healthz", tags=["ops"])
@@ -304,8 +341,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
             ready = False
         providers = await asyncio.to_thread(st.deps.store.providers)
         checks["workers"] = {f"{n}/{v}": sorted(p) for (n, v), p in providers.items()}
-        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
-                            200 if ready else 503)
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        )
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics_endpoint(st: State) -> Response:
@@ -319,9 +357,16 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists the HTTP
         return JSONResponse(doc)
 
 
-def _reject(st: _State, status: int, code: ErrorCode, message: str, field: str | None,
-            *, headers: dict[str, str] | None = None,
-            details: dict[str, Any] | None = None) -> ApiError:
+def _reject(
+    st: _State,
+    status: int,
+    code: ErrorCode,
+    message: str,
+    field: str | None,
+    *,
+    headers: dict[str, str] | None = None,
+    details: dict[str, Any] | None = None,
+) -> ApiError:
     st.metrics.rejected.labels(code.value).inc()
     return ApiError(status, code, message, field=field, headers=headers, details=details)
 
@@ -337,13 +382,22 @@ def _resolve(st: _State, body: JobRequest) -> ModelConfig:
         return config
     if any(c.name == body.model for c in models):
         versions = sorted(c.version for c in models if c.name == body.model)
-        raise _reject(st, 422, ErrorCode.UNKNOWN_VERSION,
-                      f"model {body.model!r} has no version {body.version!r}; "
-                      f"available: {', '.join(versions)}", "version")
+        raise _reject(
+            st,
+            422,
+            ErrorCode.UNKNOWN_VERSION,
+            f"model {body.model!r} has no version {body.version!r}; "
+            f"available: {', '.join(versions)}",
+            "version",
+        )
     names = sorted({c.name for c in models})
-    raise _reject(st, 422, ErrorCode.UNKNOWN_MODEL,
-                  f"no model named {body.model!r}; available: {', '.join(names) or 'none'}",
-                  "model")
+    raise _reject(
+        st,
+        422,
+        ErrorCode.UNKNOWN_MODEL,
+        f"no model named {body.model!r}; available: {', '.join(names) or 'none'}",
+        "model",
+    )
 
 
 def _input_schema(adapter: str) -> dict[str, Any]:

@@ -34,14 +34,20 @@ def asyncapi_document(bootstrap: str, topic: str, dlq_topic: str, group: str) ->
     )
 
     @broker.subscriber(
-        topic, group_id=group, title=f"{topic}:consume",
+        topic,
+        group_id=group,
+        title=f"{topic}:consume",
         description="Worker pools consume job requests in the consumer group.",
     )
     async def _consume(envelope: JobEnvelope) -> None:  # pragma: no cover - description only
         return None
 
     spec = AsyncAPI(
-        broker, title="inferq bus", version="1.0.0", schema_version="3.0.0",
+        broker,
+        title="inferq bus",
+        version="1.0.0",
+        schema_version="3.0.0",
         description="The job topics of inferq.",
     ).to_specification()
-    return spec.to_jsonable()  # type: ignore[no-any-return]
+    doc: dict[str, Any] = spec.to_jsonable()
+    return doc

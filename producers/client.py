@@ -21,8 +21,9 @@ class InferqError(Exception):
 
 
 class InferqClient:
-    def __init__(self, base_url: str, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
 
     def __enter__(self) -> InferqClient:
@@ -34,14 +35,22 @@ class InferqClient:
     def close(self) -> None:
         self._http.close()
 
-    def submit(self, model: str, input: dict[str, Any], *, version: str | None = None,
-               idempotency_key: str | None = None, **fields: Any) -> JobResource:
+    def submit(
+        self,
+        model: str,
+        input: dict[str, Any],
+        *,
+        version: str | None = None,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> JobResource:
         body = {"model": model, "input": input, **fields}
         if version is not None:
             body["version"] = version
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return JobResource.model_validate(self._call("POST", "/v1/jobs", json=body,
-                                                     headers=headers))
+        return JobResource.model_validate(
+            self._call("POST", "/v1/jobs", json=body, headers=headers)
+        )
 
     def get(self, job_id: str, *, wait: float = 0) -> JobResource:
         params = {"wait": wait} if wait else {}
@@ -59,8 +68,9 @@ class InferqClient:
     def cancel(self, job_id: str) -> JobResource:
         return JobResource.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
 
-    def list(self, *, status: JobStatus | None = None, model: str | None = None,
-             limit: int = 50) -> Iterator[JobResource]:
+    def list(
+        self, *, status: JobStatus | None = None, model: str | None = None, limit: int = 50
+    ) -> Iterator[JobResource]:
         cursor: str | None = None
         while True:
             params: dict[str, Any] = {"limit": limit}

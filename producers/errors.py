@@ -77,7 +77,9 @@ def install_handlers(app: FastAPI) -> None:
             exc.status_code, ErrorCode.FIELD_INVALID
         )
         return error_response(
-            exc.status_code, [ErrorDetail(code=code, message=str(exc.detail))], exc.headers
+            exc.status_code,
+            [ErrorDetail(code=code, message=str(exc.detail))],
+            dict(exc.headers) if exc.headers else None,
         )
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

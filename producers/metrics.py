@@ -11,25 +11,35 @@ class ApiMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
-            "inferq_http_requests_total", "HTTP requests by route and status.",
-            ["method", "route", "status"], registry=registry,
+            "inferq_http_requests_total",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=registry,
         )
         self.latency = Histogram(
-            "inferq_http_request_duration_seconds", "HTTP request latency.",
-            ["method", "route"], buckets=HTTP_BUCKETS, registry=registry,
+            "inferq_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["method", "route"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
         )
         self.submitted = Counter(
-            "inferq_jobs_submitted_total", "Jobs accepted by the API.", ["model"],
+            "inferq_jobs_submitted_total",
+            "Jobs accepted by the API.",
+            ["model"],
             registry=registry,
         )
         self.rejected = Counter(
-            "inferq_jobs_rejected_total", "Job submissions refused, by error code.", ["code"],
+            "inferq_jobs_rejected_total",
+            "Job submissions refused, by error code.",
+            ["code"],
             registry=registry,
         )
         self.publish_retries = Counter(
             "inferq_publish_retries_total", "Publish attempts retried.", registry=registry
         )
         self.backlog = Gauge(
-            "inferq_backlog_jobs", "Queued and running jobs in the store (admission control).",
+            "inferq_backlog_jobs",
+            "Queued and running jobs in the store (admission control).",
             registry=registry,
         )

@@ -55,8 +55,9 @@ class JobEnvelope(BaseModel):
 class EnvelopeError(ValueError):
     """A bus message that cannot become a job; it goes to the DLQ with this reason."""
 
-    def __init__(self, code: ErrorCode, message: str, field: str | None = None,
-                 job_id: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, field: str | None = None, job_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -140,5 +141,6 @@ def _validate(attrs: dict[str, Any], prefix: str) -> JobEnvelope:
         in_data = bool(loc) and loc[0] == "data"
         field = ".".join(loc[1:]) if in_data else prefix + ".".join(loc)
         code = ErrorCode.INVALID_INPUT if in_data else ErrorCode.INVALID_ENVELOPE
-        raise EnvelopeError(code, f"{field or 'data'}: {first['msg']}", field=field or "data",
-                            job_id=job_id) from exc
+        raise EnvelopeError(
+            code, f"{field or 'data'}: {first['msg']}", field=field or "data", job_id=job_id
+        ) from exc

@@ -49,24 +49,31 @@ class Stack:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "INFERQ_DATA_DIR": str(self.data_dir),
-            "INFERQ_KAFKA_BOOTSTRAP": self.bootstrap,
-            "INFERQ_KAFKA_TOPIC": self.topic,
-            "INFERQ_KAFKA_GROUP": f"{self.topic}-workers",
-            "INFERQ_MODEL_REPOSITORY": str(self.models),
-            "INFERQ_INFERENCE_THREADS": "2",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "INFERQ_DATA_DIR": str(self.data_dir),
+                "INFERQ_KAFKA_BOOTSTRAP": self.bootstrap,
+                "INFERQ_KAFKA_TOPIC": self.topic,
+                "INFERQ_KAFKA_GROUP": f"{self.topic}-workers",
+                "INFERQ_MODEL_REPOSITORY": str(self.models),
+                "INFERQ_INFERENCE_THREADS": "2",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if self.database_url:
             env["INFERQ_DATABASE_URL"] = self.database_url
         env.update(extra)
         return env
 
     def spawn(self, args: list[str], log_name: str, **extra: str) -> subprocess.Popen[bytes]:
-        log = open(self.data_dir / f"{log_name}.log", "ab")  # noqa: SIM115 - lives with the child
-        proc = subprocess.Popen([sys.executable, "-m", "inferq", *args], env=self.env(**extra),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.data_dir / f"{log_name}.log", "ab") as log:  # the child keeps its copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "inferq", *args],
+                env=self.env(**extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -86,12 +93,20 @@ class Stack:
         return proc, url
 
     def worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        return self.spawn(["worker"], name, INFERQ_WORKER_METRICS_PORT=str(free_port()),
-                          INFERQ_WORKER_ID=name)
+        return self.spawn(
+            ["worker"],
+            f"{name}-{len(self.procs)}",
+            INFERQ_WORKER_METRICS_PORT=str(free_port()),
+            INFERQ_WORKER_ID=name,
+        )
 
     def log(self, name: str) -> str:
-        path = self.data_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
+        """The tail of every log whose name starts with ``name``."""
+        paths = sorted(self.data_dir.glob(f"{name}*.log"))
+        return (
+            "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in paths)
+            or "(no log)"
+        )
 
     def stop_all(self) -> None:
         for proc in self.procs:

@@ -46,10 +46,23 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.create_schema()
     broker = MemoryBroker()
-    config = ApiConfig(topic=TOPIC, max_body_bytes=4096, publish_attempts=3,
-                       publish_timeout_s=2, backlog_cache_s=0, asyncapi={"asyncapi": "3.0.0"})
-    app = create_app(ApiDeps(store=store, publisher=MemoryPublisher(broker),
-                             models=lambda: MODELS, config=config, registry=CollectorRegistry()))
+    config = ApiConfig(
+        topic=TOPIC,
+        max_body_bytes=4096,
+        publish_attempts=3,
+        publish_timeout_s=2,
+        backlog_cache_s=0,
+        asyncapi={"asyncapi": "3.0.0"},
+    )
+    app = create_app(
+        ApiDeps(
+            store=store,
+            publisher=MemoryPublisher(broker),
+            models=lambda: MODELS,
+            config=config,
+            registry=CollectorRegistry(),
+        )
+    )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         yield Api(client, store, broker, config)
@@ -63,8 +76,9 @@ def _error(response: httpx.Response) -> dict:
 
 
 async def test_submit_returns_202_with_location_and_publishes(api: Api) -> None:
-    r = await api.submit({"model": "minilm", "input": {"text": "hello"},
-                          "metadata": {"tenant": "acme"}})
+    r = await api.submit(
+        {"model": "minilm", "input": {"text": "hello"}, "metadata": {"tenant": "acme"}}
+    )
     assert r.status_code == 202
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
@@ -78,7 +92,8 @@ async def test_submit_returns_202_with_location_and_publishes(api: Api) -> None:
 
 async def test_version_routing_picks_default_and_named(api: Api) -> None:
     assert (await api.submit({"model": "identity", "input": {"tensor": [1]}})).json()[
-        "version"] == "1"
+        "version"
+    ] == "1"
     r = await api.submit({"model": "identity", "version": "2", "input": {"tensor": [1]}})
     assert r.json()["version"] == "2"
 
@@ -87,29 +102,47 @@ async def test_version_routing_picks_default_and_named(api: Api) -> None:
     ("body", "status", "code", "field"),
     [
         ({"model": "nope", "input": {"text": "x"}}, 422, "unknown_model", "model"),
-        ({"model": "identity", "version": "9", "input": {"tensor": [1]}}, 422,
-         "unknown_version", "version"),
+        (
+            {"model": "identity", "version": "9", "input": {"tensor": [1]}},
+            422,
+            "unknown_version",
+            "version",
+        ),
         ({"input": {"text": "x"}}, 422, "field_missing", "model"),
         ({"model": "minilm"}, 422, "field_missing", "input"),
-        ({"model": "minilm", "input": {"text": "x"}, "priority": "high"}, 422,
-         "field_invalid", "priority"),
-        ({"model": "minilm", "input": {"text": "x"}, "priority": 12}, 422,
-         "field_invalid", "priority"),
+        (
+            {"model": "minilm", "input": {"text": "x"}, "priority": "high"},
+            422,
+            "field_invalid",
+            "priority",
+        ),
+        (
+            {"model": "minilm", "input": {"text": "x"}, "priority": 12},
+            422,
+            "field_invalid",
+            "priority",
+        ),
         ({"model": "minilm", "input": {"text": "x"}, "ttl_s": -1}, 422, "field_invalid", "ttl_s"),
-        ({"model": "minilm", "input": {"text": "x"}, "colour": "red"}, 422,
-         "field_unknown", "colour"),
+        (
+            {"model": "minilm", "input": {"text": "x"}, "colour": "red"},
+            422,
+            "field_unknown",
+            "colour",
+        ),
         ({"model": "minilm", "input": "hello"}, 422, "field_invalid", "input"),
         ({"model": "minilm", "input": {"text": ""}}, 422, "invalid_input", "input.text"),
         ({"model": "minilm", "input": {"text": "   "}}, 422, "invalid_input", "input.text"),
         ({"model": "minilm", "input": {"text": 42}}, 422, "invalid_input", "input.text"),
         ({"model": "minilm", "input": {"tensor": [1.0, 2.0]}}, 422, "invalid_input", "input.text"),
-        ({"model": "identity", "input": {"text": "hello"}}, 422, "invalid_input",
-         "input.tensor"),
+        ({"model": "identity", "input": {"text": "hello"}}, 422, "invalid_input", "input.tensor"),
         ({"model": "identity", "input": {"tensor": []}}, 422, "invalid_input", "input.tensor"),
-        ({"model": "identity", "input": {"tensor": ["a"]}}, 422, "invalid_input",
-         "input.tensor.0"),
-        ({"model": "minilm", "input": {"text": "x"}, "webhook": {"url": "ftp://x"}}, 422,
-         "field_invalid", "webhook.url"),
+        ({"model": "identity", "input": {"tensor": ["a"]}}, 422, "invalid_input", "input.tensor.0"),
+        (
+            {"model": "minilm", "input": {"text": "x"}, "webhook": {"url": "ftp://x"}},
+            422,
+            "field_invalid",
+            "webhook.url",
+        ),
     ],
 )
 async def test_bad_requests_get_a_code_and_the_field(
@@ -126,8 +159,7 @@ async def test_bad_requests_get_a_code_and_the_field(
 
 @pytest.mark.parametrize("raw", [b"not json", b'{"model": "minilm", "inp', b""])
 async def test_non_json_and_truncated_bodies_are_400(api: Api, raw: bytes) -> None:
-    r = await api.client.post("/v1/jobs", content=raw,
-                              headers={"content-type": "application/json"})
+    r = await api.client.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
     assert r.status_code in (400, 422), r.text
     assert _error(r)["code"] in ("malformed_json", "field_missing")
 
@@ -154,11 +186,15 @@ async def test_body_over_limit_is_413(api: Api) -> None:
 
 @pytest.mark.parametrize("key", ["", "a" * 256, "has space", "tab\tkey", "é"])
 async def test_malformed_idempotency_key(api: Api, key: str) -> None:
-    r = await api.submit({"model": "minilm", "input": {"text": "x"}},
-                         headers={"Idempotency-Key": key.encode()})
+    r = await api.submit(
+        {"model": "minilm", "input": {"text": "x"}}, headers={"Idempotency-Key": key.encode()}
+    )
     assert r.status_code == 400, r.text
     assert _error(r) | {"message": ""} == {
-        "code": "invalid_idempotency_key", "field": "Idempotency-Key", "message": ""}
+        "code": "invalid_idempotency_key",
+        "field": "Idempotency-Key",
+        "message": "",
+    }
 
 
 async def test_idempotency_same_body_returns_same_job_other_body_conflicts(api: Api) -> None:
@@ -168,8 +204,9 @@ async def test_idempotency_same_body_returns_same_job_other_body_conflicts(api: 
     assert first.status_code == 202 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
     assert len(api.published()) == 1  # published once
-    other = await api.submit({"model": "minilm", "input": {"text": "twice"}},
-                             headers={"Idempotency-Key": "order-42"})
+    other = await api.submit(
+        {"model": "minilm", "input": {"text": "twice"}}, headers={"Idempotency-Key": "order-42"}
+    )
     assert other.status_code == 409
     assert _error(other)["code"] == "idempotency_conflict"
     assert _error(other)["field"] == "Idempotency-Key"
@@ -213,8 +250,16 @@ async def test_wait_holds_until_terminal(api: Api) -> None:
     async def finish() -> None:
         await asyncio.sleep(0.2)
         [claimed] = api.store.claim([job["id"]], worker_id="w", lease_s=60).claimed
-        api.store.complete([Outcome(job_id=job["id"], attempt=claimed.attempts,
-                                    status=JobStatus.SUCCEEDED, result={"tensor": [3.0]})])
+        api.store.complete(
+            [
+                Outcome(
+                    job_id=job["id"],
+                    attempt=claimed.attempts,
+                    status=JobStatus.SUCCEEDED,
+                    result={"tensor": [3.0]},
+                )
+            ]
+        )
 
     task = asyncio.create_task(finish())
     r = await api.client.get(f"/v1/jobs/{job['id']}", params={"wait": 5})
@@ -275,21 +320,24 @@ async def test_transient_publish_failures_are_retried(api: Api) -> None:
 
 async def test_publish_outage_is_503_and_no_job_is_left_queued(api: Api) -> None:
     api.broker.fail_publishes = 100
-    r = await api.submit({"model": "minilm", "input": {"text": "x"}},
-                         headers={"Idempotency-Key": "k1"})
+    r = await api.submit(
+        {"model": "minilm", "input": {"text": "x"}}, headers={"Idempotency-Key": "k1"}
+    )
     assert r.status_code == 503 and _error(r)["code"] == "publish_unavailable"
     assert "retry-after" in r.headers
     assert api.store.counts().get(JobStatus.QUEUED, 0) == 0
     # the client retries with the same key once the bus is back: a fresh job, not the dud
     api.broker.fail_publishes = 0
-    r = await api.submit({"model": "minilm", "input": {"text": "x"}},
-                         headers={"Idempotency-Key": "k1"})
+    r = await api.submit(
+        {"model": "minilm", "input": {"text": "x"}}, headers={"Idempotency-Key": "k1"}
+    )
     assert r.status_code == 202 and r.json()["status"] == "queued"
 
 
 async def test_models_health_metrics_docs(api: Api) -> None:
-    api.store.heartbeat("w1", [{"name": "minilm", "version": "1",
-                                "provider": "CPUExecutionProvider"}])
+    api.store.heartbeat(
+        "w1", [{"name": "minilm", "version": "1", "provider": "CPUExecutionProvider"}]
+    )
     models = (await api.client.get("/v1/models")).json()["data"]
     minilm = next(m for m in models if m["name"] == "minilm")
     assert minilm["providers"] == ["CPUExecutionProvider"] and minilm["default"] is True

@@ -34,15 +34,18 @@ TEXTS = [
 
 
 @pytest.fixture
-def stack(tmp_path: Path, kafka_broker: EmbeddedKafka, topic: str, model_repo: Path
-          ) -> Iterator[Stack]:
+def stack(
+    tmp_path: Path, kafka_broker: EmbeddedKafka, topic: str, model_repo: Path
+) -> Iterator[Stack]:
     s = Stack(tmp_path, kafka_broker.bootstrap, topic, model_repo)
     yield s
     s.stop_all()
 
 
 def _store(stack: Stack) -> JobStore:
-    return JobStore(f"sqlite:///{stack.data_dir / 'jobs.db'}")
+    store = JobStore(f"sqlite:///{stack.data_dir / 'jobs.db'}")
+    store.create_schema()
+    return store
 
 
 def _cos(a: list[float], b: np.ndarray) -> float:
@@ -72,8 +75,11 @@ def test_http_jobs_run_to_succeeded_with_reference_embeddings(
             assert job["started_at"] <= job["completed_at"] and job["attempts"] == 1
         models = client.get("/v1/models").json()["data"]
         assert {m["name"] for m in models} >= {"minilm", "identity"}
-        wait_for(lambda: all(m["providers"] for m in client.get("/v1/models").json()["data"]),
-                 20, "worker heartbeats")
+        wait_for(
+            lambda: all(m["providers"] for m in client.get("/v1/models").json()["data"]),
+            20,
+            "worker heartbeats",
+        )
         assert client.get("/readyz").status_code == 200
         assert client.get("/asyncapi.json").json()["channels"]
 
@@ -90,17 +96,31 @@ def test_direct_publish_with_a_plain_kafka_producer(stack: Stack) -> None:
             # binary mode: ce_* headers, the data as the value
             for _ in range(2):  # published twice: runs once
                 await producer.send_and_wait(
-                    stack.topic, json.dumps(data).encode(), key=b"svc-bin-1",
-                    headers=[("ce_specversion", b"1.0"), ("ce_id", b"svc-bin-1"),
-                             ("ce_source", b"//billing"), ("ce_type", b"inferq.job.requested"),
-                             ("content-type", b"application/json")])
+                    stack.topic,
+                    json.dumps(data).encode(),
+                    key=b"svc-bin-1",
+                    headers=[
+                        ("ce_specversion", b"1.0"),
+                        ("ce_id", b"svc-bin-1"),
+                        ("ce_source", b"//billing"),
+                        ("ce_type", b"inferq.job.requested"),
+                        ("content-type", b"application/json"),
+                    ],
+                )
             # structured mode
-            event = {"specversion": "1.0", "id": "svc-struct-1", "source": "//billing",
-                     "type": "inferq.job.requested", "datacontenttype": "application/json",
-                     "data": {"model": "minilm", "input": {"text": "straight onto the topic"}}}
+            event = {
+                "specversion": "1.0",
+                "id": "svc-struct-1",
+                "source": "//billing",
+                "type": "inferq.job.requested",
+                "datacontenttype": "application/json",
+                "data": {"model": "minilm", "input": {"text": "straight onto the topic"}},
+            }
             await producer.send_and_wait(
-                stack.topic, json.dumps(event).encode(),
-                headers=[("content-type", b"application/cloudevents+json")])
+                stack.topic,
+                json.dumps(event).encode(),
+                headers=[("content-type", b"application/cloudevents+json")],
+            )
             # garbage, which must not stop the worker
             await producer.send_and_wait(stack.topic, b"\x00not json at all")
         finally:
@@ -131,11 +151,16 @@ def _submit_direct(bootstrap: str, topic: str, texts: list[str], prefix: str) ->
             for i, text in enumerate(texts):
                 job_id = f"{prefix}-{i}"
                 ids.append(job_id)
-                event = {"specversion": "1.0", "id": job_id, "source": "urn:test",
-                         "type": "inferq.job.requested",
-                         "data": {"model": "minilm", "input": {"text": text}}}
-                futures.append(await producer.send(topic, json.dumps(event).encode(),
-                                                   key=job_id.encode()))
+                event = {
+                    "specversion": "1.0",
+                    "id": job_id,
+                    "source": "urn:test",
+                    "type": "inferq.job.requested",
+                    "data": {"model": "minilm", "input": {"text": text}},
+                }
+                futures.append(
+                    await producer.send(topic, json.dumps(event).encode(), key=job_id.encode())
+                )
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
@@ -148,8 +173,9 @@ def _corpus(n: int) -> list[str]:
     return [f"{TEXTS[i % len(TEXTS)]} (job number {i})" for i in range(n)]
 
 
-def _assert_all_succeeded_once(store: JobStore, ids: list[str], texts: list[str],
-                               reference) -> None:
+def _assert_all_succeeded_once(
+    store: JobStore, ids: list[str], texts: list[str], reference
+) -> None:
     records = store.get_many(ids)
     assert len(records) == len(ids)
     statuses: dict[JobStatus, int] = {}
@@ -175,24 +201,30 @@ def test_kill_9_worker_mid_run_loses_nothing(stack: Stack, minilm_reference) -> 
     ids = _submit_direct(stack.bootstrap, stack.topic, texts, "k9")
     store = _store(stack)
     first = stack.worker("worker-1")
-    wait_for(lambda: _count(store, ids, JobStatus.SUCCEEDED) >= 40, 90, "some progress",
-             interval=0.02)
+    wait_for(
+        lambda: _count(store, ids, JobStatus.SUCCEEDED) >= 40, 90, "some progress", interval=0.02
+    )
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_at_kill = _count(store, ids, JobStatus.SUCCEEDED)
     assert done_at_kill < len(ids), "the worker finished before it could be killed"
-    stack.worker("worker-2")
-    wait_for(lambda: _count(store, ids, JobStatus.SUCCEEDED) == len(ids), 120,
-             "all jobs after the restart")
+    stack.worker("worker-1")  # the same worker identity starts again (static membership)
+    wait_for(
+        lambda: _count(store, ids, JobStatus.SUCCEEDED) == len(ids),
+        120,
+        "all jobs after the restart",
+    )
     _assert_all_succeeded_once(store, ids, texts, minilm_reference)
     assert any(r.attempts == 2 for r in store.get_many(ids).values()), (
-        "no job was in flight at the kill: the test did not test a crash")
+        "no job was in flight at the kill: the test did not test a crash"
+    )
     store.close()
 
 
 @pytest.mark.slow
-def test_broker_restart_mid_run_loses_nothing(tmp_path: Path, topic: str, model_repo: Path,
-                                               minilm_reference) -> None:
+def test_broker_restart_mid_run_loses_nothing(
+    tmp_path: Path, topic: str, model_repo: Path, minilm_reference
+) -> None:
     broker = EmbeddedKafka(tmp_path / "broker", free_port())
     broker.start()
     stack = Stack(tmp_path, broker.bootstrap, topic, model_repo)
@@ -201,14 +233,21 @@ def test_broker_restart_mid_run_loses_nothing(tmp_path: Path, topic: str, model_
         ids = _submit_direct(broker.bootstrap, topic, texts, "br")
         store = _store(stack)
         stack.worker()
-        wait_for(lambda: _count(store, ids, JobStatus.SUCCEEDED) >= 40, 90, "some progress",
-                 interval=0.02)
+        wait_for(
+            lambda: _count(store, ids, JobStatus.SUCCEEDED) >= 40,
+            90,
+            "some progress",
+            interval=0.02,
+        )
         broker.stop()
         stopped_at = _count(store, ids, JobStatus.SUCCEEDED)
         time.sleep(2)
         broker.start()
-        wait_for(lambda: _count(store, ids, JobStatus.SUCCEEDED) == len(ids), 150,
-                 "all jobs after the broker restart")
+        wait_for(
+            lambda: _count(store, ids, JobStatus.SUCCEEDED) == len(ids),
+            150,
+            "all jobs after the broker restart",
+        )
         assert stopped_at < len(ids), "the run ended before the broker stopped"
         _assert_all_succeeded_once(store, ids, texts, minilm_reference)
         store.close()
@@ -218,18 +257,34 @@ def test_broker_restart_mid_run_loses_nothing(tmp_path: Path, topic: str, model_
 
 
 @pytest.mark.slow
-def test_dev_runs_everything_and_ctrl_c_stops_everything(tmp_path: Path, model_repo: Path
-                                                         ) -> None:
+def test_dev_runs_everything_and_ctrl_c_stops_everything(tmp_path: Path, model_repo: Path) -> None:
     api_port, kafka_port, metrics_port = free_port(), free_port(), free_port()
-    env = dict(os.environ, INFERQ_MODEL_REPOSITORY=str(model_repo),
-               INFERQ_WORKER_METRICS_PORT=str(metrics_port), INFERQ_INFERENCE_THREADS="2",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        INFERQ_MODEL_REPOSITORY=str(model_repo),
+        INFERQ_WORKER_METRICS_PORT=str(metrics_port),
+        INFERQ_INFERENCE_THREADS="2",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("INFERQ_KAFKA_BOOTSTRAP", None)
     log = open(tmp_path / "dev.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inferq", "--data-dir", str(tmp_path / "data"), "dev",
-         "--port", str(api_port), "--kafka-port", str(kafka_port), "--no-build"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "inferq",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "dev",
+            "--port",
+            str(api_port),
+            "--kafka-port",
+            str(kafka_port),
+            "--no-build",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for(lambda: "ready" in (tmp_path / "dev.log").read_text(), 90, "inferq dev")

@@ -33,7 +33,7 @@ def test_compose_file_parses_and_names_the_stack() -> None:
 def test_compose_commands_are_real_cli_commands() -> None:
     doc = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
     parser = build_parser()
-    for name, service in doc["services"].items():
+    for _name, service in doc["services"].items():
         command = service.get("command")
         if command and command[0] == "inferq":
             parser.parse_args(command[1:])  # exits (fails the test) on an unknown command
@@ -41,6 +41,7 @@ def test_compose_commands_are_real_cli_commands() -> None:
 
 def test_prometheus_scrapes_api_and_worker() -> None:
     doc = yaml.safe_load((ROOT / "infra" / "prometheus.yml").read_text())
-    targets = {t for job in doc["scrape_configs"] for sc in job["static_configs"]
-               for t in sc["targets"]}
+    targets = {
+        t for job in doc["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
     assert targets == {"api:8000", "worker:9400"}

@@ -33,8 +33,14 @@ def test_binary_and_structured_modes_decode_to_the_same_envelope() -> None:
 
 
 def test_extension_attributes_pass_through() -> None:
-    doc = {"specversion": "1.0", "id": "x1", "source": "s", "type": "inferq.job.requested",
-           "traceparent": "00-abc", "data": {"model": "m", "input": {}}}
+    doc = {
+        "specversion": "1.0",
+        "id": "x1",
+        "source": "s",
+        "type": "inferq.job.requested",
+        "traceparent": "00-abc",
+        "data": {"model": "m", "input": {}},
+    }
     env = decode_message({}, json.dumps(doc).encode())
     assert env.model_extra == {"traceparent": "00-abc"}
 
@@ -45,21 +51,62 @@ def test_extension_attributes_pass_through() -> None:
         ({}, b"{", ErrorCode.MALFORMED_MESSAGE, None),
         ({}, None, ErrorCode.MALFORMED_MESSAGE, None),
         ({}, b'"a string"', ErrorCode.INVALID_ENVELOPE, None),
-        ({}, json.dumps({"id": "a", "source": "s", "type": "inferq.job.requested",
-                         "data": {}}).encode(), ErrorCode.INVALID_ENVELOPE, "specversion"),
-        ({}, json.dumps({"specversion": "1.0", "id": "a", "source": "s",
-                         "data": {}}).encode(), ErrorCode.INVALID_ENVELOPE, "type"),
-        ({}, json.dumps({"specversion": "2.0", "id": "a", "source": "s",
-                         "type": "inferq.job.requested",
-                         "data": {"model": "m", "input": {}}}).encode(),
-         ErrorCode.INVALID_ENVELOPE, "specversion"),
-        ({"ce_specversion": b"1.0", "ce_source": b"s", "ce_type": b"inferq.job.requested"},
-         b"{}", ErrorCode.INVALID_ENVELOPE, "ce_id"),
-        ({"ce_specversion": b"1.0", "ce_id": b"a", "ce_source": b"s",
-          "ce_type": b"inferq.job.requested"}, b'{"model": "m"}', ErrorCode.INVALID_INPUT,
-         "input"),
-        ({"ce_specversion": b"1.0", "ce_id": b"\xff", "ce_source": b"s",
-          "ce_type": b"inferq.job.requested"}, b"{}", ErrorCode.MALFORMED_MESSAGE, None),
+        (
+            {},
+            json.dumps(
+                {"id": "a", "source": "s", "type": "inferq.job.requested", "data": {}}
+            ).encode(),
+            ErrorCode.INVALID_ENVELOPE,
+            "specversion",
+        ),
+        (
+            {},
+            json.dumps({"specversion": "1.0", "id": "a", "source": "s", "data": {}}).encode(),
+            ErrorCode.INVALID_ENVELOPE,
+            "type",
+        ),
+        (
+            {},
+            json.dumps(
+                {
+                    "specversion": "2.0",
+                    "id": "a",
+                    "source": "s",
+                    "type": "inferq.job.requested",
+                    "data": {"model": "m", "input": {}},
+                }
+            ).encode(),
+            ErrorCode.INVALID_ENVELOPE,
+            "specversion",
+        ),
+        (
+            {"ce_specversion": b"1.0", "ce_source": b"s", "ce_type": b"inferq.job.requested"},
+            b"{}",
+            ErrorCode.INVALID_ENVELOPE,
+            "ce_id",
+        ),
+        (
+            {
+                "ce_specversion": b"1.0",
+                "ce_id": b"a",
+                "ce_source": b"s",
+                "ce_type": b"inferq.job.requested",
+            },
+            b'{"model": "m"}',
+            ErrorCode.INVALID_INPUT,
+            "input",
+        ),
+        (
+            {
+                "ce_specversion": b"1.0",
+                "ce_id": b"\xff",
+                "ce_source": b"s",
+                "ce_type": b"inferq.job.requested",
+            },
+            b"{}",
+            ErrorCode.MALFORMED_MESSAGE,
+            None,
+        ),
     ],
 )
 def test_bad_messages_raise_with_code_and_field(

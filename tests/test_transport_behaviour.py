@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.fixtures_servers import unique_topic_name
+from tests.fixtures_servers import ExternalKafka, unique_topic_name
 from transports.base import Consumer, Delivery, DepthProbe, Publisher, PublishError, QueueDepth
 from transports.broker import EmbeddedKafka, free_port
 from transports.kafka import (
@@ -374,8 +374,13 @@ async def test_kafka_depth_of_a_missing_topic_is_zero_and_creates_nothing(
 
 @pytest.mark.kafka
 async def test_kafka_commit_on_revoke_hands_acked_work_to_the_next_member(
-    kafka_config: KafkaConfig, topic: str
+    kafka_broker: EmbeddedKafka | ExternalKafka, kafka_config: KafkaConfig, topic: str
 ) -> None:
+    if isinstance(kafka_broker, EmbeddedKafka):
+        # noida-db 0.2.3 answers any OffsetCommit sent while the group rebalances with
+        # IllegalGeneration (Apache Kafka accepts it from the current generation); aiokafka
+        # then rejoins under a new member id and the group never settles again
+        pytest.xfail("noida-db rejects commits during a rebalance; run against Apache Kafka")
     group = _group()
     async with KafkaPublisher(kafka_config) as publisher:
         await publish_values(publisher, topic, [b"a", b"b", b"c"])
@@ -389,8 +394,7 @@ async def test_kafka_commit_on_revoke_hands_acked_work_to_the_next_member(
         await eventually_assigned(first, second)
         partition = int(got[0].position.split("@")[0])
         owner = first if any(tp.partition == partition for tp in first.assignment()) else second
-        redelivered = await drain(owner, 2)
-        assert values(redelivered) == [b"b", b"c"]
+        assert values(await drain(owner, 2)) == [b"b", b"c"]
     finally:
         await second.stop()
         await first.stop()
@@ -505,7 +509,10 @@ async def test_kafka_publish_to_a_stopped_broker_raises_publish_error(
     private_broker: EmbeddedKafka,
 ) -> None:
     config = KafkaConfig(
-        bootstrap=private_broker.bootstrap, client_id="inferq-down", request_timeout_ms=1500
+        bootstrap=private_broker.bootstrap,
+        client_id="inferq-down",
+        delivery_timeout_ms=1500,
+        close_timeout_ms=1000,
     )
     await ensure_topics(config, {"down": 1})
     async with KafkaPublisher(config) as publisher:
@@ -516,6 +523,29 @@ async def test_kafka_publish_to_a_stopped_broker_raises_publish_error(
         assert caught.value.__cause__ is not None
         await asyncio.to_thread(private_broker.start)
         await _publish_eventually(lambda: publisher.publish("down", b"back"))
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_kafka_publisher_stop_does_not_hang_on_a_down_broker(
+    private_broker: EmbeddedKafka,
+) -> None:
+    config = KafkaConfig(
+        bootstrap=private_broker.bootstrap,
+        client_id="inferq-down",
+        delivery_timeout_ms=500,
+        close_timeout_ms=500,
+    )
+    await ensure_topics(config, {"down": 1})
+    publisher = KafkaPublisher(config)
+    await publisher.start()
+    await publisher.publish("down", b"up")
+    await asyncio.to_thread(private_broker.stop)
+    with pytest.raises(PublishError):
+        await publisher.publish_many("down", [Outgoing(b"lost-1"), Outgoing(b"lost-2")])
+    started = time.monotonic()
+    await asyncio.wait_for(publisher.stop(), 10)
+    assert time.monotonic() - started < 5
 
 
 async def _publish_eventually(publish: Callable[[], Awaitable[None]]) -> None:

@@ -32,8 +32,11 @@ TOPIC, DLQ, GROUP = "jobs", "jobs.dlq", "workers"
 class FlakyIdentity:
     """Fails any batch that holds the value 13, to show batch splitting."""
 
-    config: ModelConfig = field(default_factory=lambda: ModelConfig(
-        name="flaky", version="1", adapter="identity", max_batch_size=64, max_wait_ms=20))
+    config: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            name="flaky", version="1", adapter="identity", max_batch_size=64, max_wait_ms=20
+        )
+    )
     provider: str = "CPUExecutionProvider"
     batches: list[int] = field(default_factory=list)
 
@@ -58,8 +61,12 @@ class Harness:
             headers, value = envelope.to_binary()
             await pub.publish(TOPIC, value, key=envelope.id.encode(), headers=headers)
         else:
-            await pub.publish(TOPIC, envelope.to_structured(), key=envelope.id.encode(),
-                              headers=[("content-type", b"application/cloudevents+json")])
+            await pub.publish(
+                TOPIC,
+                envelope.to_structured(),
+                key=envelope.id.encode(),
+                headers=[("content-type", b"application/cloudevents+json")],
+            )
 
     async def raw(self, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
         await MemoryPublisher(self.broker).publish(TOPIC, value, headers=headers or [])
@@ -75,12 +82,12 @@ class Harness:
             config=WorkerConfig(worker_id="test-worker", fetch_timeout_s=0.02),
         )
 
-    async def run_until(self, done: Callable[[], bool], timeout: float = 30) -> Worker:
+    async def run_until(self, done: Callable[[], bool], limit_s: float = 30) -> Worker:
         worker = self.worker()
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(limit_s):
                 while not done():
                     if task.done():
                         task.result()
@@ -125,8 +132,10 @@ async def test_direct_publish_in_both_modes_runs_and_creates_rows(harness: Harne
     await harness.publish(job("text-1", "minilm", {"text": "a direct publish"}))
     ids = ["bin-1", "struct-1", "text-1"]
     await harness.run_until(
-        lambda: all(s is JobStatus.SUCCEEDED for s in _status(harness.store, ids).values())
-        and len(_status(harness.store, ids)) == 3
+        lambda: (
+            all(s is JobStatus.SUCCEEDED for s in _status(harness.store, ids).values())
+            and len(_status(harness.store, ids)) == 3
+        )
     )
     records = harness.store.get_many(ids)
     assert records["bin-1"].result == {"tensor": [1.0, 2.0, 3.0]}
@@ -160,26 +169,74 @@ async def test_same_event_twice_runs_once(harness: Harness) -> None:
         (b"\xff\xfe\x00", [], "malformed_message", None),
         (b"", [], "malformed_message", None),
         (b"[1, 2]", [], "invalid_envelope", None),
-        (json.dumps({"specversion": "1.0", "source": "s", "type": "inferq.job.requested",
-                     "data": {"model": "identity", "input": {"tensor": [1]}}}).encode(),
-         [], "invalid_envelope", None),
-        (json.dumps({"specversion": "1.0", "id": "wrong-type", "source": "s",
-                     "type": "com.example.other", "data": {}}).encode(),
-         [], "unsupported_event_type", None),
-        (json.dumps({"model": "identity", "input": {"tensor": [1]}}).encode(),
-         [("ce_specversion", b"1.0"), ("ce_source", b"s"), ("ce_type", b"inferq.job.requested")],
-         "invalid_envelope", None),
-        (json.dumps({"specversion": "1.0", "id": "no-model", "source": "s",
-                     "type": "inferq.job.requested", "data": {"input": {}}}).encode(),
-         [], "invalid_input", "no-model"),
-        (json.dumps({"specversion": "1.0", "id": "bad/id!", "source": "s",
-                     "type": "inferq.job.requested",
-                     "data": {"model": "identity", "input": {"tensor": [1]}}}).encode(),
-         [], "invalid_envelope", None),
+        (
+            json.dumps(
+                {
+                    "specversion": "1.0",
+                    "source": "s",
+                    "type": "inferq.job.requested",
+                    "data": {"model": "identity", "input": {"tensor": [1]}},
+                }
+            ).encode(),
+            [],
+            "invalid_envelope",
+            None,
+        ),
+        (
+            json.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "wrong-type",
+                    "source": "s",
+                    "type": "com.example.other",
+                    "data": {},
+                }
+            ).encode(),
+            [],
+            "unsupported_event_type",
+            None,
+        ),
+        (
+            json.dumps({"model": "identity", "input": {"tensor": [1]}}).encode(),
+            [("ce_specversion", b"1.0"), ("ce_source", b"s"), ("ce_type", b"inferq.job.requested")],
+            "invalid_envelope",
+            None,
+        ),
+        (
+            json.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "no-model",
+                    "source": "s",
+                    "type": "inferq.job.requested",
+                    "data": {"input": {}},
+                }
+            ).encode(),
+            [],
+            "invalid_input",
+            "no-model",
+        ),
+        (
+            json.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "bad/id!",
+                    "source": "s",
+                    "type": "inferq.job.requested",
+                    "data": {"model": "identity", "input": {"tensor": [1]}},
+                }
+            ).encode(),
+            [],
+            "invalid_envelope",
+            None,
+        ),
     ],
 )
 async def test_undecodable_messages_go_to_the_dlq_and_the_loop_goes_on(
-    harness: Harness, value: bytes, headers: list[tuple[str, bytes]], code: str,
+    harness: Harness,
+    value: bytes,
+    headers: list[tuple[str, bytes]],
+    code: str,
     job_id: str | None,
 ) -> None:
     await harness.raw(value, headers)
@@ -245,7 +302,9 @@ async def test_cancelled_and_expired_jobs_do_not_run(harness: Harness) -> None:
     await harness.publish(old)
     await harness.run_until(lambda: harness.committed() == 2)
     assert _status(harness.store, ["c-1", "e-1"]) == {
-        "c-1": JobStatus.CANCELLED, "e-1": JobStatus.EXPIRED}
+        "c-1": JobStatus.CANCELLED,
+        "e-1": JobStatus.EXPIRED,
+    }
 
 
 async def test_uncommitted_work_is_redelivered_to_the_next_worker(harness: Harness) -> None:
@@ -257,7 +316,8 @@ async def test_uncommitted_work_is_redelivered_to_the_next_worker(harness: Harne
     assert len(await consumer.fetch(10, 0.1)) == 5  # fetched, never acked: a crash
     await harness.run_until(lambda: harness.committed() == 5)
     assert set(_status(harness.store, [f"r-{i}" for i in range(5)]).values()) == {
-        JobStatus.SUCCEEDED}
+        JobStatus.SUCCEEDED
+    }
 
 
 async def test_metrics_are_namespaced(harness: Harness) -> None:
@@ -269,6 +329,9 @@ async def test_metrics_are_namespaced(harness: Harness) -> None:
     assert 'inferq_jobs_processed_total{model="identity",outcome="succeeded"} 1.0' in text
     assert "inferq_batch_size_jobs_bucket" in text
     assert 'inferq_model_info{model="minilm",provider="CPUExecutionProvider",version="1"}' in text
-    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-             if line and not line.startswith("#")}
+    names = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert all(n.startswith("inferq_") for n in names), names

@@ -19,6 +19,7 @@ from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
     KafkaError,
+    KafkaTimeoutError,
     TopicAlreadyExistsError,
     for_code,
 )
@@ -35,12 +36,16 @@ class KafkaConfig:
 
     bootstrap: str
     client_id: str = "inferq"
-    # producer: a 1 ms linger batches bursts without adding visible latency
+    # producer: a 1 ms linger batches concurrent publishes; it adds ~1 ms to a lone one
     linger_ms: int = 1
     max_batch_size: int = 64 * 1024
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
-    # also bounds how long a publish may wait for metadata and for its ack
     request_timeout_ms: int = 15_000
+    # the most a publish waits for its ack: an idempotent aiokafka producer never expires a
+    # batch by itself and would wait for a down broker forever
+    delivery_timeout_ms: int = 30_000
+    # how long KafkaPublisher.stop waits for buffered messages before dropping them
+    close_timeout_ms: int = 5_000
     retry_backoff_ms: int = 100
     metadata_max_age_ms: int = 60_000
     # consumer: short broker-side waits so that a lone message is not held back
@@ -50,6 +55,9 @@ class KafkaConfig:
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
     isolation_level: Literal["read_uncommitted", "read_committed"] = "read_uncommitted"
+    # static group membership (KIP-345): a restarted worker with the same id takes its
+    # partitions back at once instead of waiting for the dead member's session to expire
+    group_instance_id: str | None = None
     # how long KafkaConsumer.start waits for its first partition assignment
     join_timeout_s: float = 30.0
     # how long a commit may wait (aiokafka retries a missing coordinator forever)
@@ -99,10 +107,19 @@ class KafkaPublisher:
         self._producer = producer
 
     async def stop(self) -> None:
-        """Flush what is still buffered, then close."""
+        """Flush what is still buffered (up to ``close_timeout_ms``), then close."""
         producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        if producer is None:
+            return
+        try:
+            await asyncio.wait_for(producer.flush(), self.config.close_timeout_ms / 1000)
+        except TimeoutError:
+            log.warning(
+                "Kafka did not acknowledge buffered messages within %d ms; dropping them",
+                self.config.close_timeout_ms,
+            )
+            await _abandon_buffered(producer)
+        await producer.stop()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -124,38 +141,80 @@ class KafkaPublisher:
     async def publish(
         self, destination: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> None:
+        """Wait for the broker's ack; PublishError after ``delivery_timeout_ms`` at most.
+
+        A publish that timed out may still be delivered later (the producer keeps retrying
+        it), so a retry can duplicate it: consumers dedupe by event id.
+        """
         producer = self._require()
         try:
-            ack = await producer.send(destination, value, key=key, headers=_headers_out(headers))
-            await ack
+            async with asyncio.timeout(self.config.delivery_timeout_ms / 1000):
+                ack = await producer.send(
+                    destination, value, key=key, headers=_headers_out(headers)
+                )
+                await ack
+        except TimeoutError as exc:
+            raise PublishError(
+                f"publish to {destination!r} not acknowledged within "
+                f"{self.config.delivery_timeout_ms} ms"
+            ) from exc
         except KafkaError as exc:
             raise PublishError(f"publish to {destination!r} not acknowledged: {exc}") from exc
 
     async def publish_many(self, destination: str, items: Iterable[Outgoing]) -> int:
-        """Send all items at once and wait for every ack; returns how many were sent.
+        """Send all items at once, then wait for every ack; returns how many were sent.
 
-        On failure raises PublishError after every send has settled; the ones that were
-        acknowledged stay published, so a retry of the whole list may duplicate some.
+        Raises PublishError if any was not acknowledged within ``delivery_timeout_ms``; the
+        acknowledged ones stay published, so retrying the whole list may duplicate some.
         """
         producer = self._require()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.delivery_timeout_ms / 1000
         acks: list[asyncio.Future[Any]] = []
-        stopped: KafkaError | None = None
+        stopped: BaseException | None = None
         try:
-            for value, key, headers in items:
-                acks.append(
-                    await producer.send(destination, value, key=key, headers=_headers_out(headers))
-                )
-        except KafkaError as exc:
-            stopped = exc  # what was enqueued before it must still be awaited
-        results = await asyncio.gather(*acks, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if stopped is not None or errors:
-            note = "; sending stopped early" if stopped is not None else ""
-            raise PublishError(
-                f"publish_many to {destination!r}: {len(errors)} of {len(acks)} sent were not "
-                f"acknowledged{note}"
-            ) from (stopped or errors[0])
-        return len(acks)
+            async with asyncio.timeout_at(deadline):
+                for value, key, headers in items:
+                    acks.append(
+                        await producer.send(
+                            destination, value, key=key, headers=_headers_out(headers)
+                        )
+                    )
+        except (KafkaError, TimeoutError) as exc:
+            stopped = exc  # what was enqueued before it still gets its chance below
+        pending: set[asyncio.Future[Any]] = set()
+        if acks:
+            _, pending = await asyncio.wait(acks, timeout=max(0.0, deadline - loop.time()))
+        for ack in pending:
+            ack.cancel()  # stop waiting; aiokafka ignores futures that are already done
+        failed = [a for a in acks if a.cancelled() or a.exception() is not None]
+        if stopped is None and not failed:
+            return len(acks)
+        cause = stopped
+        if cause is None:
+            first = failed[0]
+            cause = TimeoutError() if first.cancelled() else first.exception()
+        note = "; sending stopped early" if stopped is not None else ""
+        raise PublishError(
+            f"publish_many to {destination!r}: {len(failed)} of {len(acks)} sent were not "
+            f"acknowledged{note}"
+        ) from cause
+
+
+async def _abandon_buffered(producer: AIOKafkaProducer) -> None:
+    # An idempotent aiokafka producer retries a batch until the broker takes it, and its
+    # stop() waits for every buffered batch, so with the broker gone it would never return.
+    # There is no public way out: stop the sender first (so that nothing re-enqueues behind
+    # our back), then fail what is left; stop() then finishes at once.
+    await producer._sender.close()
+    accumulator = producer._message_accumulator
+    batches = [b for queue in accumulator._batches.values() for b in queue]
+    batches += list(accumulator._pending_batches)
+    accumulator.fail_all(KafkaTimeoutError("producer stopped before the broker acknowledged"))
+    for batch in batches:  # mark the failures seen: publish() reported them to its callers
+        for future in (batch.future, batch._drain_waiter):
+            if future.done() and not future.cancelled():
+                future.exception()
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -207,6 +266,7 @@ class KafkaConsumer:
             heartbeat_interval_ms=c.heartbeat_interval_ms,
             max_poll_interval_ms=c.max_poll_interval_ms,
             isolation_level=c.isolation_level,
+            group_instance_id=c.group_instance_id,
         )
         consumer.subscribe([self.source], listener=_Rebalance(self))
         self._assigned.clear()
@@ -327,6 +387,9 @@ class KafkaConsumer:
         self._last_delivered.pop(tp, None)
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Apache Kafka accepts this commit from the current generation while the group
+        # rebalances; noida-db 0.2.3 refuses it (IllegalGeneration) and its group may then
+        # never settle with two or more members, so multi-member groups are Kafka-only
         consumer = self._consumer
         if consumer is not None:
             offsets = self._committable(revoked)

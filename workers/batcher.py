@@ -7,6 +7,7 @@ size grows by itself; at low load a job waits at most ``max_wait_ms`` for compan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -40,16 +41,13 @@ class MicroBatcher(Generic[T]):
 
     async def drain(self) -> None:
         """Wait until every queued item went through the handler."""
-        while self._queue.qsize() or self._busy:
-            await asyncio.sleep(0.005)
+        await self._queue.join()
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -75,3 +73,5 @@ class MicroBatcher(Generic[T]):
                 await self.handler(Batch(items, loop.time() - first_at))
             finally:
                 self._busy = False
+                for _ in items:
+                    self._queue.task_done()

@@ -9,6 +9,7 @@ redelivery, never loss; the job store's guarded transitions make the outcome eff
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -91,6 +92,7 @@ class Worker:
         self._writes = asyncio.Semaphore(config.max_pending_writes)
         self._write_tasks: set[asyncio.Task[None]] = set()
         self._commit_lock = asyncio.Lock()
+        self._room = asyncio.Event()  # set whenever in-flight work shrinks
         self.processed = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -118,7 +120,8 @@ class Worker:
                     await self._admit(deliveries)
                     # don't read far ahead of the models: bounded memory, fair redelivery
                     while len(self._in_flight) > 4 * self.config.fetch_max_records:
-                        await asyncio.sleep(0.005)
+                        self._room.clear()
+                        await self._room.wait()
         finally:
             await self._drain()
             for task in side:
@@ -232,8 +235,17 @@ class Worker:
     def _fail_unreadable(
         self, job_id: str, delivery: Delivery, code: ErrorCode, message: str
     ) -> None:
-        self.store.ensure([NewJob(id=job_id, model="unknown", version=None, input={},
-                                  source=f"{delivery.source}@{delivery.position}")])
+        self.store.ensure(
+            [
+                NewJob(
+                    id=job_id,
+                    model="unknown",
+                    version=None,
+                    input={},
+                    source=f"{delivery.source}@{delivery.position}",
+                )
+            ]
+        )
         self.store.fail_unstarted(job_id, code.value, message)
 
     def _fail_row(self, envelope: JobEnvelope, code: ErrorCode, message: str) -> None:
@@ -251,7 +263,9 @@ class Worker:
             started = time.perf_counter()
             results = await loop.run_in_executor(self.executor, _run_isolating, model, batch.items)
             self.metrics.inference.labels(name, version).observe(time.perf_counter() - started)
-            outcomes = [_outcome(item, result) for item, result in zip(batch.items, results, strict=True)]
+            outcomes = [
+                _outcome(item, result) for item, result in zip(batch.items, results, strict=True)
+            ]
             # store while the next batch runs; bounded so a slow store slows intake
             await self._writes.acquire()
             task = asyncio.create_task(self._persist(model, batch.items, outcomes))
@@ -278,6 +292,7 @@ class Worker:
                 self.consumer.ack(item.delivery)
                 self._in_flight.discard(item.record.id)
             self.processed += len(items)
+            self._room.set()
             self.metrics.in_flight.set(len(self._in_flight))
             await self._commit()
         finally:
@@ -327,10 +342,8 @@ class Worker:
 
 
 async def _sleep_until(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
 
 
 def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
@@ -374,10 +387,12 @@ def _outcome(item: WorkItem, result: dict[str, Any] | Exception) -> Outcome:
             status=JobStatus.FAILED,
             error_code=ErrorCode.INFERENCE_FAILED.value,
             error_message=f"{type(result).__name__}: {result}"[:1000],
-            retryable=False,
+            retryable=bool(getattr(result, "retryable", False)),
         )
     return Outcome(
-        job_id=item.record.id, attempt=item.record.attempts, status=JobStatus.SUCCEEDED,
+        job_id=item.record.id,
+        attempt=item.record.attempts,
+        status=JobStatus.SUCCEEDED,
         result=result,
     )
 

@@ -12,42 +12,63 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.batch_size = Histogram(
-            "inferq_batch_size_jobs", "Jobs per inference batch.", ["model"],
-            buckets=BATCH_BUCKETS, registry=registry,
+            "inferq_batch_size_jobs",
+            "Jobs per inference batch.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.batch_wait = Histogram(
-            "inferq_batch_wait_seconds", "Time the first job of a batch waited for the batch.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+            "inferq_batch_wait_seconds",
+            "Time the first job of a batch waited for the batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.inference = Histogram(
-            "inferq_inference_duration_seconds", "Model run time per batch.",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=registry,
+            "inferq_inference_duration_seconds",
+            "Model run time per batch.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.end_to_end = Histogram(
-            "inferq_job_end_to_end_seconds", "Job creation to stored outcome.", ["model"],
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "inferq_job_end_to_end_seconds",
+            "Job creation to stored outcome.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.jobs = Counter(
-            "inferq_jobs_processed_total", "Jobs that reached an outcome in this worker.",
-            ["model", "outcome"], registry=registry,
+            "inferq_jobs_processed_total",
+            "Jobs that reached an outcome in this worker.",
+            ["model", "outcome"],
+            registry=registry,
         )
         self.dead_letters = Counter(
-            "inferq_dlq_messages_total", "Messages sent to the dead-letter destination.",
-            ["reason"], registry=registry,
+            "inferq_dlq_messages_total",
+            "Messages sent to the dead-letter destination.",
+            ["reason"],
+            registry=registry,
         )
         self.skipped = Counter(
             "inferq_messages_skipped_total",
             "Messages acknowledged without running (already terminal, cancelled, expired, dup).",
-            ["reason"], registry=registry,
+            ["reason"],
+            registry=registry,
         )
         self.in_flight = Gauge(
             "inferq_worker_inflight_jobs", "Jobs claimed and not yet stored.", registry=registry
         )
         self.lag = Gauge(
-            "inferq_consumer_lag_messages", "Messages not yet committed by the worker group.",
-            ["source"], registry=registry,
+            "inferq_consumer_lag_messages",
+            "Messages not yet committed by the worker group.",
+            ["source"],
+            registry=registry,
         )
         self.model_info = Gauge(
-            "inferq_model_info", "Models loaded by this worker, and the provider each runs on.",
-            ["model", "version", "provider"], registry=registry,
+            "inferq_model_info",
+            "Models loaded by this worker, and the provider each runs on.",
+            ["model", "version", "provider"],
+            registry=registry,
         )

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
-_GPU_ORDER = (TENSORRT, CUDA)  # fastest first
+# TensorRT is opt-in (INFERQ_EXECUTION_PROVIDERS): with dynamic batch and sequence shapes it
+# builds a new engine per shape range unless profiles and an engine cache are configured.
+_GPU_ORDER = (CUDA,)
 
 # ORT severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Warnings on the CPU path
 # (e.g. unused initializers removed by the optimizer) are noise for operators.
@@ -45,7 +47,7 @@ sys.exit(0 if cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(n)) == 
 def choose_providers(preference: tuple[str, ...] | None) -> list[str]:
     """Execution providers in priority order, always ending with the CPU provider.
 
-    ``None`` picks TensorRT and/or CUDA only where their libraries load and a device exists.
+    ``None`` picks CUDA only where its libraries load and a device exists (TensorRT is opt-in).
     An explicit preference is a demand: a provider that is unknown, not built into this
     onnxruntime, or unable to run here raises ProviderError instead of silently falling back.
     Names match case-insensitively, with or without the ``ExecutionProvider`` suffix.
