@@ -9,16 +9,29 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from inferq.settings import Settings
 
 log = logging.getLogger("inferq")
+
+
+class SettingsError(Exception):
+    """The environment holds a setting that cannot be used; names the variable."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
-    return Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "INFERQ_" + "_".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+        raise SettingsError("; ".join(problems)) from exc
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"inferq {args.command}: invalid setting: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return code

@@ -354,3 +354,12 @@ async def test_models_health_metrics_docs(api: Api) -> None:
     openapi = (await api.client.get("/openapi.json")).json()
     assert "/v1/jobs" in openapi["paths"] and "JobRequest" in json.dumps(openapi)
     assert (await api.client.get("/asyncapi.json")).json()["asyncapi"] == "3.0.0"
+
+
+async def test_wait_on_an_unknown_id_waits_then_404s(api: Api) -> None:
+    import time
+
+    started = time.monotonic()
+    r = await api.client.get("/v1/jobs/not-yet-published", params={"wait": 0.3})
+    assert r.status_code == 404 and _error(r)["code"] == "job_not_found"
+    assert time.monotonic() - started >= 0.3

@@ -18,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from jobstore.store import JobStore
+from producers.client import InferqClient, InferqError
 from schemas.jobs import JobStatus
 from tests.procs import Stack, free_port, port_open, wait_for
 from transports.broker import EmbeddedKafka
@@ -139,6 +140,17 @@ def test_direct_publish_with_a_plain_kafka_producer(stack: Stack) -> None:
         assert [j["id"] for j in listed] == ["svc-bin-1"]
         metrics = client.get("/metrics")
         assert metrics.status_code == 200
+
+    # the Python client, against the same live API
+    with InferqClient(url) as sdk:
+        job = sdk.submit("identity", {"tensor": [9.0]}, idempotency_key="sdk-1")
+        done = sdk.wait(job.id, timeout=30)
+        assert done.status is JobStatus.SUCCEEDED and done.result == {"tensor": [9.0]}
+        assert sdk.submit("identity", {"tensor": [9.0]}, idempotency_key="sdk-1").id == job.id
+        assert job.id in {j.id for j in sdk.list(model="identity", limit=1)}
+        with pytest.raises(InferqError) as info:
+            sdk.submit("identity", {"text": "no"})
+        assert info.value.code == "invalid_input" and info.value.field == "input.tensor"
 
 
 def _submit_direct(bootstrap: str, topic: str, texts: list[str], prefix: str) -> list[str]:
