@@ -317,3 +317,56 @@ def test_dev_runs_everything_and_ctrl_c_stops_everything(tmp_path: Path, model_r
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"inferq_e2e_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_api_and_worker_on_a_postgres_job_store(
+    tmp_path: Path,
+    kafka_broker: EmbeddedKafka,
+    topic: str,
+    model_repo: Path,
+    postgres_database: str,
+) -> None:
+    stack = Stack(
+        tmp_path, kafka_broker.bootstrap, topic, model_repo, database_url=postgres_database
+    )
+    try:
+        _, url = stack.api()
+        stack.worker()
+        with httpx.Client(base_url=url, timeout=60) as client:
+            ids = []
+            for i in range(40):
+                r = client.post("/v1/jobs", json={"model": "identity", "input": {"tensor": [i]}})
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+            for i, job_id in enumerate(ids):
+                job = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
+                assert job["status"] == "succeeded", stack.log("worker")
+                assert job["result"] == {"tensor": [float(i)]}
+            page = client.get("/v1/jobs", params={"status": "succeeded", "limit": 500}).json()
+            assert {j["id"] for j in page["data"]} == set(ids)
+        store = JobStore(postgres_database)
+        assert store.counts()[JobStatus.SUCCEEDED] == 40
+        store.close()
+    finally:
+        stack.stop_all()
