@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from bench import profile
+from bench.harness import OTHER
 
 
 def _row(table: Table, *cells: str, style: str | None = None) -> None:
@@ -49,26 +53,28 @@ def machine(console: Console, info: dict[str, Any]) -> None:
 
 
 def cpu_table(
-    console: Console, title: str, cpu: dict[str, float], seconds: float, cores: int
+    console: Console, title: str, cpu: dict[str, float], seconds: float, cores: int, jobs: int
 ) -> None:
-    """CPU seconds per process over a window, and the share of the machine each took."""
+    """CPU seconds per process over a window, per job, and the share of the machine."""
     table = Table(title=title, title_justify="left")
     table.add_column("process")
     table.add_column("CPU s", justify="right")
+    table.add_column("CPU ms / job", justify="right")
     table.add_column("cores busy", justify="right")
     table.add_column("share of machine", justify="right")
     capacity = seconds * cores
-    for name, used in sorted(cpu.items(), key=lambda kv: -kv[1]):
-        _row(table, name, f"{used:.2f}", f"{used / seconds:.2f}", f"{100 * used / capacity:.0f}%")
-    total = sum(cpu.values())
-    _row(
-        table,
-        "all",
-        f"{total:.2f}",
-        f"{total / seconds:.2f}",
-        f"{100 * total / capacity:.0f}%",
-        style="bold",
-    )
+
+    def add(name: str, used: float, style: str | None = None) -> None:
+        share = f"{100 * used / capacity:.0f}%"
+        per_job = f"{1000 * used / jobs:.2f}"
+        _row(table, name, f"{used:.2f}", per_job, f"{used / seconds:.2f}", share, style=style)
+
+    ours = {k: v for k, v in cpu.items() if k != OTHER}
+    for name, used in sorted(ours.items(), key=lambda kv: -kv[1]):
+        add(name, used)
+    add("this benchmark, all", sum(ours.values()), style="bold")
+    if OTHER in cpu:
+        add(OTHER, cpu[OTHER], style="dim")
     console.print(table)
 
 
@@ -112,7 +118,8 @@ def minilm(console: Console, r: dict[str, Any], cores: int) -> None:
         table,
         "e2e inferq",
         _rate(e2e["jobs_per_s"], " jobs/s"),
-        f"{e2e['jobs']:,} jobs POSTed (concurrency {r['concurrency']}); first POST -> "
+        f"{e2e['jobs']:,} jobs POSTed (concurrency {r['concurrency']}, worker "
+        f"{r.get('worker_threads', r['threads'])} intra-op threads); first POST -> "
         f"all terminal in {e2e['seconds']:.2f} s; POSTs done after "
         f"{e2e['submit_seconds']:.2f} s",
     )
@@ -123,7 +130,12 @@ def minilm(console: Console, r: dict[str, Any], cores: int) -> None:
     _row(table, "job statuses", _statuses(e2e["statuses"]), "whole store, warm-up included")
     console.print(table)
     cpu_table(
-        console, "   CPU during the MiniLM e2e window", e2e["cpu_seconds"], e2e["seconds"], cores
+        console,
+        "   CPU during the MiniLM e2e window",
+        e2e["cpu_seconds"],
+        e2e["seconds"],
+        cores,
+        e2e["jobs"],
     )
 
 
@@ -189,6 +201,7 @@ def identity(console: Console, r: dict[str, Any], cores: int) -> None:
         http["cpu_seconds"],
         http["seconds"],
         cores,
+        http["jobs"],
     )
     cpu_table(
         console,
@@ -196,6 +209,7 @@ def identity(console: Console, r: dict[str, Any], cores: int) -> None:
         direct["cpu_seconds"],
         direct["seconds"],
         cores,
+        direct["jobs"],
     )
     if "cpu_seconds" in celery:
         cpu_table(
@@ -204,6 +218,7 @@ def identity(console: Console, r: dict[str, Any], cores: int) -> None:
             celery["cpu_seconds"],
             celery["seconds"],
             cores,
+            celery["jobs"],
         )
 
 
@@ -261,3 +276,32 @@ def latency(console: Console, r: dict[str, Any]) -> None:
 
 def _statuses(statuses: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(statuses.items())) or "-"
+
+
+def profiles(console: Console, directory: Path, label: str) -> None:
+    """Top costs per role from the py-spy files of one window (see bench.profile)."""
+    for path in sorted(directory.glob(f"{label}-*.txt")):
+        summary = profile.summarize(path)
+        if summary is None:
+            continue
+        role = path.stem[len(label) + 1 :]
+        table = Table(
+            title=f"   py-spy, {label}, {role}: {summary.samples} samples ({path})",
+            title_justify="left",
+        )
+        table.add_column("CPU spent in (leaf frame)")
+        table.add_column("%", justify="right")
+        table.add_column("inferq function (incl. callees)")
+        table.add_column("%", justify="right")
+        n = max(len(summary.self_top), len(summary.ours_top))
+        for i in range(n):
+            leaf = summary.self_top[i] if i < len(summary.self_top) else ("", 0)
+            ours = summary.ours_top[i] if i < len(summary.ours_top) else ("", 0)
+            _row(
+                table,
+                leaf[0],
+                f"{100 * leaf[1] / summary.samples:.0f}" if leaf[0] else "",
+                ours[0],
+                f"{100 * ours[1] / summary.samples:.0f}" if ours[0] else "",
+            )
+        console.print(table)

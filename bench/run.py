@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import report, scenarios
+from bench import profile, report, scenarios
 from bench.harness import BenchError, Children, free_port, machine_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     p.add_argument(
+        "--worker-threads",
+        type=int,
+        default=scenarios.THREADS,
+        metavar="T",
+        help="INFERQ_INFERENCE_THREADS for the workers (default 2; the in-process baselines "
+        "always use 2), to see how intra-op threads fare next to the API on few cores",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the api and worker with py-spy during each timed window and print "
+        "their top costs (files kept in DIR; the profiler's own CPU disturbs the figures)",
+    )
+    p.add_argument(
         "--keep",
         action="store_true",
         help="keep the temp dir (role logs, stores) and print where it is",
@@ -134,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             "direct_jobs": args.direct_n,
             "celery_jobs": args.celery_n,
             "latency_samples": args.latency_n,
-            "inference_threads": scenarios.THREADS,
+            "baseline_threads": scenarios.THREADS,
+            "worker_threads": args.worker_threads,
+            "celery_prefetch": args.celery_prefetch,
         },
         "scenarios": {},
     }
@@ -154,21 +171,33 @@ def main(argv: list[str] | None = None) -> int:
         broker.start()
         say(f"noida-db broker at {broker.bootstrap}, models from {models}, work dir {root}")
         env = scenarios.Env(root, broker.bootstrap, broker.pid, models, children, say)
+        env.worker_threads = args.worker_threads
+        if args.profile is not None:
+            if profile.py_spy() is None:
+                raise BenchError("--profile needs py-spy: pip install py-spy")
+            env.profile_dir = args.profile.resolve()
 
         if "minilm" in args.scenarios:
             r = scenarios.minilm(env, args.minilm_n)
             results["scenarios"]["minilm"] = r
             report.minilm(console, r, cores)
+            if env.profile_dir:
+                report.profiles(console, env.profile_dir, "minilm")
         if "identity" in args.scenarios:
             r = scenarios.identity(
                 env, args.http_n, args.direct_n, args.celery_n, celery_prefetch=args.celery_prefetch
             )
             results["scenarios"]["identity"] = r
             report.identity(console, r, cores)
+            if env.profile_dir:
+                report.profiles(console, env.profile_dir, "identity-http")
+                report.profiles(console, env.profile_dir, "identity-direct")
         if "latency" in args.scenarios:
             r = scenarios.latency(env, args.latency_n)
             results["scenarios"]["latency"] = r
             report.latency(console, r)
+            if env.profile_dir:
+                report.profiles(console, env.profile_dir, "latency")
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping everything this benchmark started[/yellow]")
         code = 130

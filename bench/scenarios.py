@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from bench import baselines
+from bench import baselines, profile
 from bench.harness import (
     BenchError,
     Children,
@@ -49,10 +49,17 @@ class Env:
     models: Path
     children: Children
     log: Callable[[str], None]
+    profile_dir: Path | None = None
+    worker_threads: int = THREADS  # INFERQ_INFERENCE_THREADS of the workers
 
     def stack(self, scenario: str) -> InferqStack:
         return InferqStack(
-            scenario, self.root, self.bootstrap, self.models, self.children, threads=THREADS
+            scenario,
+            self.root,
+            self.bootstrap,
+            self.models,
+            self.children,
+            threads=self.worker_threads,
         )
 
 
@@ -182,6 +189,7 @@ def http_window(
     model: str,
     inputs: Sequence[dict[str, Any]],
     concurrency: int,
+    label: str,
 ) -> Window:
     """Time ``inputs`` as jobs over HTTP: first POST -> all of them terminal in the store."""
     bodies = [_body(model, i) for i in inputs]
@@ -194,9 +202,10 @@ def http_window(
         meter.start()
         watch.start()
 
-    sub = asyncio.run(_post_all(stack.api_url, bodies, concurrency, on_start))
-    done_at = watch.result()
-    cpu = meter.stop()
+    with profile.record(env.profile_dir, label, stack.pids()):
+        sub = asyncio.run(_post_all(stack.api_url, bodies, concurrency, on_start))
+        done_at = watch.result()
+        cpu = meter.stop()
     seconds = done_at - sub.started
     after_metrics = _worker_snapshot(stack)
     return Window(
@@ -244,7 +253,9 @@ def minilm(env: Env, jobs: int, concurrency: int = 32) -> dict[str, Any]:
         stack.start()
         warm_up(stack, "minilm", [{"text": t} for t in baselines.sentences(64, seed=99)], 32)
         env.log(f"minilm: {jobs} jobs over HTTP, concurrency {concurrency}")
-        window = http_window(env, stack, "minilm", [{"text": t} for t in texts], concurrency)
+        window = http_window(
+            env, stack, "minilm", [{"text": t} for t in texts], concurrency, "minilm"
+        )
     except BaseException:
         env.log(stack.logs())
         raise
@@ -261,6 +272,7 @@ def minilm(env: Env, jobs: int, concurrency: int = 32) -> dict[str, Any]:
         "batch_size": config.max_batch_size,
         "max_wait_ms": config.max_wait_ms,
         "threads": THREADS,
+        "worker_threads": env.worker_threads,
         "concurrency": concurrency,
         "raw_ort": {"per_s": raw.per_s, "seconds": raw.seconds, "provider": raw.provider},
         "adapter": {"per_s": ad.per_s, "seconds": ad.seconds, "provider": ad.provider},
@@ -311,11 +323,12 @@ def direct_window(env: Env, stack: InferqStack, n: int) -> Window:
     before_metrics = _worker_snapshot(stack)
     meter = _meter(env, stack)
     watch = Stopwatch(stack.db_path, target, timeout_s=max(120.0, n / 50))
-    meter.start()
-    watch.start()
-    started, acked = asyncio.run(_publish_direct(env.bootstrap, stack.topic, n, run))
-    done_at = watch.result()
-    cpu = meter.stop()
+    with profile.record(env.profile_dir, "identity-direct", stack.pids()):
+        meter.start()
+        watch.start()
+        started, acked = asyncio.run(_publish_direct(env.bootstrap, stack.topic, n, run))
+        done_at = watch.result()
+        cpu = meter.stop()
     seconds = done_at - started
     after_metrics = _worker_snapshot(stack)
     return Window(
@@ -347,7 +360,9 @@ def identity(
         stack.start()
         warm_up(stack, "identity", [IDENTITY_INPUT] * 256, http_concurrency)
         env.log(f"identity: {http_jobs} jobs over HTTP, concurrency {http_concurrency}")
-        http = http_window(env, stack, "identity", [IDENTITY_INPUT] * http_jobs, http_concurrency)
+        http = http_window(
+            env, stack, "identity", [IDENTITY_INPUT] * http_jobs, http_concurrency, "identity-http"
+        )
         env.log(f"identity: {direct_jobs} CloudEvents published straight onto the topic")
         direct = direct_window(env, stack, direct_jobs)
     except BaseException:
@@ -533,7 +548,10 @@ def latency(env: Env, samples: int, warmup: int = 20) -> dict[str, Any]:
     try:
         stack.start()
         env.log(f"latency: {samples} sequential jobs (POST, then GET ?wait=10)")
-        with httpx.Client(base_url=stack.api_url, timeout=30) as client:
+        with (
+            profile.record(env.profile_dir, "latency", stack.pids()),
+            httpx.Client(base_url=stack.api_url, timeout=30) as client,
+        ):
             for i, text in enumerate(texts):
                 started = time.perf_counter()
                 r = client.post("/v1/jobs", json={"model": "minilm", "input": {"text": text}})

@@ -30,7 +30,13 @@ from producers.errors import ApiError, install_handlers
 from producers.limits import BodySizeLimit
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
-from schemas.contracts import ContractViolation, ModelConfig, resolve_version, validate_input
+from schemas.contracts import (
+    ADAPTER_INPUTS,
+    ContractViolation,
+    ModelConfig,
+    resolve_version,
+    validate_input,
+)
 from schemas.envelope import new_envelope
 from schemas.errors import ErrorCode, ErrorResponse
 from schemas.jobs import JobPage, JobRequest, JobResource, JobStatus, ModelInfo, ModelList
@@ -401,8 +407,6 @@ def _resolve(st: _State, body: JobRequest) -> ModelConfig:
 
 
 def _input_schema(adapter: str) -> dict[str, Any]:
-    from schemas.contracts import ADAPTER_INPUTS
-
     return ADAPTER_INPUTS[adapter].model_json_schema()
 
 
