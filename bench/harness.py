@@ -351,6 +351,21 @@ class CpuMeter:
 OTHER = "(everything else on the machine)"
 
 
+@contextlib.contextmanager
+def other_load() -> Iterator[dict[str, float]]:
+    """Cores kept busy by processes other than this one while the block ran (filled in on
+    exit): in-process baselines are only as good as the quiet they had."""
+    meter = CpuMeter({})
+    out: dict[str, float] = {}
+    started = time.perf_counter()
+    meter.start()
+    try:
+        yield out
+    finally:
+        used = meter.stop()
+        out["other_cores"] = used[OTHER] / max(time.perf_counter() - started, 1e-9)
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine spent not idle, from /proc/stat (0 if unreadable)."""
     try:

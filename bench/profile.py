@@ -3,7 +3,8 @@
 py-spy (``pip install py-spy``) records each role in "raw" (collapsed stack) format; the
 summary below folds those stacks into the functions that cost the most, per role. Profiling
 takes CPU itself, so figures from a profiled run are for reading where the time goes, not
-for comparing with an unprofiled one.
+for comparing with an unprofiled one. INFERQ_BENCH_PYSPY_ARGS adds py-spy options: "--gil"
+shows what holds each role's interpreter, which bounds a single-process role.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 # frames from these top-level folders are "ours"; the rest is libraries and the runtime
 PROJECT_PACKAGES = ("schemas", "producers", "workers", "jobstore", "dlq", "transports", "inferq")
+# more py-spy options, e.g. "--gil" (only the thread holding the GIL) or "--native"
+EXTRA_ARGS_ENV = "INFERQ_BENCH_PYSPY_ARGS"
 # entry points that every sample passes through: true, and no news
 _ENTRY_PREFIXES = ("inferq.__main__.", "inferq.cli.")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
@@ -57,6 +60,7 @@ def record(
                     "--nonblocking",
                     "--output",
                     str(out),
+                    *os.environ.get(EXTRA_ARGS_ENV, "").split(),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -78,9 +82,24 @@ def record(
                 proc.wait()
 
 
+# Leaf frames of threads that wait for work. py-spy's idle detection lets some of them
+# through (thread pools blocked on a queue, the selector); they are counted apart.
+IDLE_LEAVES = frozenset(
+    {
+        "threading.Condition.wait",
+        "threading.Event.wait",
+        "concurrent.futures.thread._worker",
+        "futures.thread._worker",
+        "selectors.EpollSelector.select",
+        "selectors._PollLikeSelector.select",
+    }
+)
+
+
 @dataclass
 class Summary:
-    samples: int
+    samples: int  # busy samples: the percentages below are of these
+    idle: int  # samples of waiting threads, left out
     self_top: list[tuple[str, int]]  # where the CPU is spent (leaf frames)
     ours_top: list[tuple[str, int]]  # project functions, inclusive of what they call
 
@@ -111,21 +130,22 @@ def summarize(path: Path, top: int = 12) -> Summary | None:
         return None
     leaf: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    total = idle = 0
     for line in lines:
         stack, _, count_s = line.rpartition(" ")
         if not stack or not count_s.isdigit():
             continue
         count = int(count_s)
-        total += count
         frames = [_short(f) for f in stack.split(";")]
-        # the thread name/process header py-spy may put first is not a frame
-        frames = [f for f in frames if f[0]]
         if not frames:
             continue
+        if frames[-1][0] in IDLE_LEAVES:
+            idle += count
+            continue
+        total += count
         leaf[frames[-1][0]] += count
         for name in {n for n, ours in frames if ours and not n.startswith(_ENTRY_PREFIXES)}:
             inclusive[name] += count
     if not total:
         return None
-    return Summary(total, leaf.most_common(top), inclusive.most_common(top))
+    return Summary(total, idle, leaf.most_common(top), inclusive.most_common(top))

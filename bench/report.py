@@ -106,13 +106,15 @@ def minilm(console: Console, r: dict[str, Any], cores: int) -> None:
         "A: raw ONNX Runtime",
         _rate(r["raw_ort"]["per_s"], " sent/s"),
         f"session.run only, pre-tokenized, batch {r['batch_size']}, "
-        f"{r['threads']} intra-op threads, {r['raw_ort']['provider']}",
+        f"{r['threads']} intra-op threads, {r['raw_ort']['provider']}"
+        f"{_disturbed(r['raw_ort'].get('other_cores'))}",
     )
     _row(
         table,
         "B: adapter.run",
         _rate(r["adapter"]["per_s"], " sent/s"),
-        f"workers.adapters (tokenize + pad + run + to lists), batch {r['batch_size']}",
+        f"workers.adapters (tokenize + pad + run + to lists), batch {r['batch_size']}"
+        f"{_disturbed(r['adapter'].get('other_cores'))}",
     )
     _row(
         table,
@@ -127,16 +129,43 @@ def minilm(console: Console, r: dict[str, Any], cores: int) -> None:
     _row(table, "ratio e2e / A (raw)", _ratio(r["ratio_e2e_raw"]), "target >= 0.85", style="bold")
     _row(table, "ratio e2e / B (adapter)", _ratio(r["ratio_e2e_adapter"]), "")
     _row(table, "ratio B / A", _ratio(r["ratio_adapter_raw"]), "the adapter's own overhead")
-    _row(table, "job statuses", _statuses(e2e["statuses"]), "whole store, warm-up included")
+    direct = r.get("direct")
+    if direct:
+        _row(
+            table,
+            "extra: e2e without the API",
+            _rate(direct["jobs_per_s"], " jobs/s"),
+            f"the same {direct['jobs']:,} jobs as binary CloudEvents straight onto the topic; "
+            f"first publish -> all terminal in {direct['seconds']:.2f} s (publishes acked "
+            f"after {direct['submit_seconds']:.2f} s)",
+        )
+        _worker_row(table, direct["worker"])
+        _row(
+            table,
+            "ratio e2e without the API / A",
+            _ratio(r.get("ratio_direct_raw")),
+            "the worker's own share of the gap",
+        )
+    statuses = (direct or e2e)["statuses"]
+    _row(table, "job statuses", _statuses(statuses), "whole store, warm-up included")
     console.print(table)
     cpu_table(
         console,
-        "   CPU during the MiniLM e2e window",
+        "   CPU during the MiniLM e2e window (HTTP)",
         e2e["cpu_seconds"],
         e2e["seconds"],
         cores,
         e2e["jobs"],
     )
+    if direct:
+        cpu_table(
+            console,
+            "   CPU during the MiniLM e2e window without the API (direct publish)",
+            direct["cpu_seconds"],
+            direct["seconds"],
+            cores,
+            direct["jobs"],
+        )
 
 
 def identity(console: Console, r: dict[str, Any], cores: int) -> None:
@@ -235,7 +264,8 @@ def latency(console: Console, r: dict[str, Any]) -> None:
         table,
         "model, batch 1",
         *(_ms(m[q]) for q in ("p50", "p90", "p99")),
-        f"adapter.run([one]) in this process, {r['samples']} samples",
+        f"adapter.run([one]) in this process, {r['samples']} samples"
+        f"{_disturbed(r.get('model_other_cores'))}",
     )
     _row(
         table,
@@ -274,19 +304,28 @@ def latency(console: Console, r: dict[str, Any]) -> None:
     )
 
 
+def _disturbed(other_cores: float | None) -> str:
+    """A note when other processes kept the machine busy while a baseline ran."""
+    if other_cores is None or other_cores < 0.1:
+        return ""
+    return f" [DISTURBED: other processes kept {other_cores:.1f} cores busy]"
+
+
 def _statuses(statuses: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(statuses.items())) or "-"
 
 
 def profiles(console: Console, directory: Path, label: str) -> None:
     """Top costs per role from the py-spy files of one window (see bench.profile)."""
-    for path in sorted(directory.glob(f"{label}-*.txt")):
+    for role in ("api", "worker"):
+        path = directory / f"{label}-{role}.txt"
         summary = profile.summarize(path)
         if summary is None:
             continue
-        role = path.stem[len(label) + 1 :]
         table = Table(
-            title=f"   py-spy, {label}, {role}: {summary.samples} samples ({path})",
+            title=f"   py-spy, {label}, {role}: {summary.samples} busy samples "
+            f"(+{summary.idle} of waiting threads, left out; {path}). "
+            "A leaf asyncio.runners.Runner.run is uvloop's native loop (I/O, HTTP parsing)",
             title_justify="left",
         )
         table.add_column("CPU spent in (leaf frame)")

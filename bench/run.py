@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             report.minilm(console, r, cores)
             if env.profile_dir:
                 report.profiles(console, env.profile_dir, "minilm")
+                report.profiles(console, env.profile_dir, "minilm-direct")
         if "identity" in args.scenarios:
             r = scenarios.identity(
                 env, args.http_n, args.direct_n, args.celery_n, celery_prefetch=args.celery_prefetch

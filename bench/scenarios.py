@@ -26,6 +26,7 @@ from bench.harness import (
     InferqStack,
     Stopwatch,
     metric,
+    other_load,
     python_module,
     scrape,
     status_counts,
@@ -230,7 +231,7 @@ def warm_up(
 # --- scenario 1: MiniLM throughput ----------------------------------------------------------
 
 
-def minilm(env: Env, jobs: int, concurrency: int = 32) -> dict[str, Any]:
+def minilm(env: Env, jobs: int, concurrency: int = 32, direct: bool = True) -> dict[str, Any]:
     config = MINILM_CONFIG
     model_dir = env.models / config.name / config.version
     texts = baselines.sentences(jobs)
@@ -241,14 +242,19 @@ def minilm(env: Env, jobs: int, concurrency: int = 32) -> dict[str, Any]:
         f"minilm: raw ONNX Runtime over {jobs} sentences (batch {config.max_batch_size}, "
         f"{THREADS} threads)"
     )
-    raw = baselines.raw_ort_throughput(model_dir, texts, config.max_batch_size, THREADS, providers)
+    with other_load() as raw_other:
+        raw = baselines.raw_ort_throughput(
+            model_dir, texts, config.max_batch_size, THREADS, providers
+        )
     env.log("minilm: adapter.run over the same sentences")
     adapter = baselines.open_adapter(env.models, config, THREADS)
-    ad = baselines.adapter_throughput(adapter, texts, config.max_batch_size, THREADS)
+    with other_load() as ad_other:
+        ad = baselines.adapter_throughput(adapter, texts, config.max_batch_size, THREADS)
     del adapter
 
     env.log("minilm: starting api + worker")
     stack = env.stack("minilm")
+    direct_w: Window | None = None
     try:
         stack.start()
         warm_up(stack, "minilm", [{"text": t} for t in baselines.sentences(64, seed=99)], 32)
@@ -256,6 +262,12 @@ def minilm(env: Env, jobs: int, concurrency: int = 32) -> dict[str, Any]:
         window = http_window(
             env, stack, "minilm", [{"text": t} for t in texts], concurrency, "minilm"
         )
+        if direct:
+            # the same jobs without the HTTP API: what the worker itself makes of the model
+            env.log(f"minilm: the same {jobs} jobs published straight onto the topic")
+            direct_w = direct_window(
+                env, stack, "minilm", [{"text": t} for t in texts], "minilm-direct"
+            )
     except BaseException:
         env.log(stack.logs())
         raise
@@ -274,10 +286,22 @@ def minilm(env: Env, jobs: int, concurrency: int = 32) -> dict[str, Any]:
         "threads": THREADS,
         "worker_threads": env.worker_threads,
         "concurrency": concurrency,
-        "raw_ort": {"per_s": raw.per_s, "seconds": raw.seconds, "provider": raw.provider},
-        "adapter": {"per_s": ad.per_s, "seconds": ad.seconds, "provider": ad.provider},
+        "raw_ort": {
+            "per_s": raw.per_s,
+            "seconds": raw.seconds,
+            "provider": raw.provider,
+            "other_cores": raw_other["other_cores"],
+        },
+        "adapter": {
+            "per_s": ad.per_s,
+            "seconds": ad.seconds,
+            "provider": ad.provider,
+            "other_cores": ad_other["other_cores"],
+        },
         "e2e": window.as_dict(),
         "ratio_e2e_raw": window.per_s / raw.per_s,
+        "direct": direct_w.as_dict() if direct_w else None,
+        "ratio_direct_raw": direct_w.per_s / raw.per_s if direct_w else None,
         "ratio_e2e_adapter": window.per_s / ad.per_s,
         "ratio_adapter_raw": ad.per_s / raw.per_s,
     }
@@ -288,13 +312,15 @@ def minilm(env: Env, jobs: int, concurrency: int = 32) -> dict[str, Any]:
 IDENTITY_INPUT = {"tensor": [1.0, 2.0, 3.0, 4.0]}
 
 
-async def _publish_direct(bootstrap: str, topic: str, n: int, run: str) -> tuple[float, float]:
-    """Publish ``n`` binary-mode CloudEvents; returns (started, all acked) perf_counter times."""
+async def _publish_direct(
+    bootstrap: str, topic: str, values: Sequence[bytes], run: str
+) -> tuple[float, float]:
+    """Publish one binary-mode CloudEvent per value (the job request as the message value,
+    ``ce_*`` headers); returns (started, all acked) perf_counter times."""
     from aiokafka import AIOKafkaProducer
 
-    value = json.dumps({"model": "identity", "input": IDENTITY_INPUT}).encode()
     messages = []
-    for i in range(n):
+    for i, value in enumerate(values):
         job_id = f"bench-{run}-{i}"
         headers = [
             ("ce_specversion", b"1.0"),
@@ -303,13 +329,14 @@ async def _publish_direct(bootstrap: str, topic: str, n: int, run: str) -> tuple
             ("ce_type", b"inferq.job.requested"),
             ("content-type", b"application/json"),
         ]
-        messages.append((job_id.encode(), headers))
+        messages.append((job_id.encode(), value, headers))
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
         started = time.perf_counter()
         acks = [
-            await producer.send(topic, value, key=key, headers=headers) for key, headers in messages
+            await producer.send(topic, value, key=key, headers=headers)
+            for key, value, headers in messages
         ]
         await asyncio.gather(*acks)
         return started, time.perf_counter()
@@ -317,28 +344,33 @@ async def _publish_direct(bootstrap: str, topic: str, n: int, run: str) -> tuple
         await producer.stop()
 
 
-def direct_window(env: Env, stack: InferqStack, n: int) -> Window:
+def direct_window(
+    env: Env, stack: InferqStack, model: str, inputs: Sequence[dict[str, Any]], label: str
+) -> Window:
+    """Time ``inputs`` as jobs published straight onto the topic: first publish -> all of
+    them terminal in the store (the worker is running and warm)."""
+    values = [_body(model, i) for i in inputs]
     run = uuid.uuid4().hex[:8]
-    target = terminal_count(stack.db_path) + n
+    target = terminal_count(stack.db_path) + len(values)
     before_metrics = _worker_snapshot(stack)
     meter = _meter(env, stack)
-    watch = Stopwatch(stack.db_path, target, timeout_s=max(120.0, n / 50))
-    with profile.record(env.profile_dir, "identity-direct", stack.pids()):
+    watch = Stopwatch(stack.db_path, target, timeout_s=max(120.0, len(values) / 20))
+    with profile.record(env.profile_dir, label, stack.pids()):
         meter.start()
         watch.start()
-        started, acked = asyncio.run(_publish_direct(env.bootstrap, stack.topic, n, run))
+        started, acked = asyncio.run(_publish_direct(env.bootstrap, stack.topic, values, run))
         done_at = watch.result()
         cpu = meter.stop()
     seconds = done_at - started
     after_metrics = _worker_snapshot(stack)
     return Window(
-        n,
+        len(values),
         seconds,
         acked - started,
         status_counts(stack.db_path),
         cpu,
         0,
-        _worker_delta(before_metrics, after_metrics, "identity", seconds),
+        _worker_delta(before_metrics, after_metrics, model, seconds),
     )
 
 
@@ -364,7 +396,9 @@ def identity(
             env, stack, "identity", [IDENTITY_INPUT] * http_jobs, http_concurrency, "identity-http"
         )
         env.log(f"identity: {direct_jobs} CloudEvents published straight onto the topic")
-        direct = direct_window(env, stack, direct_jobs)
+        direct = direct_window(
+            env, stack, "identity", [IDENTITY_INPUT] * direct_jobs, "identity-direct"
+        )
     except BaseException:
         env.log(stack.logs())
         raise
@@ -532,7 +566,8 @@ def latency(env: Env, samples: int, warmup: int = 20) -> dict[str, Any]:
     texts = baselines.short_texts(samples + warmup)
     env.log(f"latency: adapter.run([one]) x {samples}")
     adapter = baselines.open_adapter(env.models, MINILM_CONFIG, THREADS)
-    model_s = baselines.adapter_latencies(adapter, texts[warmup:], warmup=warmup)
+    with other_load() as model_other:
+        model_s = baselines.adapter_latencies(adapter, texts[warmup:], warmup=warmup)
     del adapter
 
     env.log("latency: starting api + worker")
@@ -585,6 +620,7 @@ def latency(env: Env, samples: int, warmup: int = 20) -> dict[str, Any]:
         "samples": samples,
         "statuses": dict(statuses),
         "model_batch1_s": model_p,
+        "model_other_cores": model_other["other_cores"],
         "e2e_s": e2e_p,
         "p50_difference_ms": 1000 * (e2e_p["p50"] - model_p["p50"]),
         "segments_p50_ms": {

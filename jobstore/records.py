@@ -68,6 +68,7 @@ class JobRecord:
     lease_owner: str | None
     lease_expires_at: datetime | None
     updated_at: datetime
+    retry_at: datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -93,6 +94,7 @@ class JobRecord:
             created_at=self.created_at,
             started_at=self.started_at,
             completed_at=self.completed_at,
+            next_attempt_at=self.retry_at,
             expires_at=self.expires_at,
             metadata=self.metadata,
             source=self.source,
@@ -123,3 +125,14 @@ class ClaimResult:
     claimed: list[JobRecord]  # now running: attempts incremented, lease set
     skipped: dict[str, JobStatus]  # id -> the status that kept it from running
     missing: list[str]  # no such row
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    """A failed attempt that will be retried: running -> queued, not before ``retry_at``."""
+
+    job_id: str
+    attempt: int
+    retry_at: datetime
+    error_code: str
+    error_message: str

@@ -51,7 +51,15 @@ from jobstore.errors import (
     JobStoreError,
     StoreUnavailable,
 )
-from jobstore.records import ClaimResult, JobRecord, NewJob, Outcome, require_aware, utcnow
+from jobstore.records import (
+    ClaimResult,
+    JobRecord,
+    NewJob,
+    Outcome,
+    Reschedule,
+    require_aware,
+    utcnow,
+)
 from jobstore.tables import UTCDateTime, jobs_table, workers_table
 from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
@@ -270,13 +278,18 @@ class JobStore:
         to_run: builtins.list[str] = []
         claimed: dict[str, JobRecord] = {}
         with self._begin(write=True) as conn:
-            states = self._lock(conn, wanted, _JOBS.c.status, _JOBS.c.expires_at)
+            states = self._lock(
+                conn, wanted, _JOBS.c.status, _JOBS.c.expires_at, _JOBS.c.retry_at
+            )
             for job_id in wanted:
                 if job_id not in states:
                     continue
-                status, expires_at = states[job_id]
+                status, expires_at, retry_at = states[job_id]
                 if status == _QUEUED and expires_at is not None and expires_at < now:
                     to_expire.append(job_id)
+                elif status == _QUEUED and retry_at is not None and retry_at > now:
+                    # a stale copy of a job waiting out its backoff: the retry pump owns it
+                    skipped[job_id] = JobStatus.QUEUED
                 elif status in (_QUEUED, _RUNNING):
                     to_run.append(job_id)
                 else:
@@ -303,6 +316,7 @@ class JobStore:
                     .where(_JOBS.c.id.in_(chunk), _JOBS.c.status.in_([_QUEUED, _RUNNING]))
                     .values(
                         status=_RUNNING,
+                        retry_at=None,
                         attempts=_JOBS.c.attempts + 1,
                         started_at=func.coalesce(_JOBS.c.started_at, literal(now, UTCDateTime())),
                         lease_owner=worker_id,
@@ -318,16 +332,21 @@ class JobStore:
             missing=[job_id for job_id in wanted if job_id not in states],
         )
 
-    def complete(self, outcomes: Sequence[Outcome]) -> builtins.list[str]:
-        """Record outcomes in one transaction; return the ids they were applied to.
+    def complete(
+        self, outcomes: Sequence[Outcome], retries: Sequence[Reschedule] = ()
+    ) -> builtins.list[str]:
+        """Record outcomes (and scheduled retries) in one transaction; return the ids applied.
 
         An outcome applies only while its job is running the same attempt, so a stale or
         duplicate worker cannot overwrite a newer attempt or a finished job.
         """
-        if not outcomes:
+        if not outcomes and not retries:
             return []
         applied: dict[str, Outcome] = {}
         with self._begin(write=True) as conn:
+            rescheduled = self._reschedule(conn, retries)
+            if not outcomes:
+                return rescheduled
             # The rows are locked (FOR UPDATE / SQLite's write lock) from this read until the
             # commit, so the decision below is exactly what the guarded UPDATE will do.
             states = self._lock(
@@ -342,7 +361,96 @@ class JobStore:
                     applied[outcome.job_id] = outcome
             if applied:
                 self._apply_outcomes(conn, builtins.list(applied.values()), utcnow())
-        return builtins.list(applied)
+        return builtins.list(applied) + rescheduled
+
+    def _reschedule(self, conn: Connection, retries: Sequence[Reschedule]) -> builtins.list[str]:
+        done = []
+        now = utcnow()
+        for r in retries:
+            result = conn.execute(
+                update(_JOBS)
+                .where(_JOBS.c.id == r.job_id, _JOBS.c.status == _RUNNING,
+                       _JOBS.c.attempts == r.attempt)
+                .values(status=_QUEUED, retry_at=r.retry_at, error_code=r.error_code,
+                        error_message=r.error_message, error_retryable=True,
+                        lease_owner=None, lease_expires_at=None, updated_at=now)
+            )
+            if result.rowcount == 1:
+                done.append(r.job_id)
+        return done
+
+    def due_retries(
+        self, *, limit: int = 500, hold_s: float = 30.0, now: datetime | None = None
+    ) -> builtins.list[JobRecord]:
+        """Take the retries that are due, for re-publishing.
+
+        Their not-before moves ``hold_s`` ahead in the same statement, so concurrent pumps
+        never take the same job, and one that crashes before publishing is retried later.
+        """
+        now = utcnow() if now is None else require_aware(now, "now")
+        with self._begin(write=True) as conn:
+            ids = builtins.list(conn.scalars(
+                select(_JOBS.c.id)
+                .where(_JOBS.c.status == _QUEUED, _JOBS.c.retry_at <= now)
+                .order_by(_JOBS.c.retry_at)
+                .limit(limit)
+            ))
+            if not ids:
+                return []
+            rows = conn.execute(
+                update(_JOBS)
+                .where(_JOBS.c.id.in_(ids), _JOBS.c.status == _QUEUED, _JOBS.c.retry_at <= now)
+                .values(retry_at=now + timedelta(seconds=hold_s), updated_at=now)
+                .returning(_JOBS)
+            ).mappings()
+            return [_record(row) for row in rows]
+
+    def retries_published(self, ids: Sequence[str]) -> None:
+        """The pump published these retries: they now wait on the bus like new jobs."""
+        now = utcnow()
+        with self._begin(write=True) as conn:
+            for chunk in _chunks(builtins.list(ids)):
+                conn.execute(
+                    update(_JOBS)
+                    .where(_JOBS.c.id.in_(chunk), _JOBS.c.status == _QUEUED)
+                    .values(retry_at=None, updated_at=now)
+                )
+
+    def requeue_failed(self, ids: Sequence[str]) -> builtins.list[JobRecord]:
+        """failed -> queued for a redrive; attempts are kept, the result and error cleared."""
+        now = utcnow()
+        out: builtins.list[JobRecord] = []
+        with self._begin(write=True) as conn:
+            for chunk in _chunks(builtins.list(dict.fromkeys(ids))):
+                rows = conn.execute(
+                    update(_JOBS)
+                    .where(_JOBS.c.id.in_(chunk), _JOBS.c.status == JobStatus.FAILED.value)
+                    .values(status=_QUEUED, result=None, error_code=None, error_message=None,
+                            error_retryable=False, completed_at=None, retry_at=None,
+                            updated_at=now)
+                    .returning(_JOBS)
+                ).mappings()
+                out.extend(_record(row) for row in rows)
+        return out
+
+    def queue_stats(self, *, now: datetime | None = None) -> dict[str, dict[str, float]]:
+        """Per model: queued, running, and the age in seconds of the oldest queued job."""
+        now = utcnow() if now is None else require_aware(now, "now")
+        query = (
+            select(_JOBS.c.model, _JOBS.c.status, func.count(), func.min(_JOBS.c.created_at))
+            .where(_JOBS.c.status.in_([_QUEUED, _RUNNING]))
+            .group_by(_JOBS.c.model, _JOBS.c.status)
+        )
+        stats: dict[str, dict[str, float]] = {}
+        with self._begin(write=False) as conn:
+            for model, status, count, oldest in conn.execute(query):
+                entry = stats.setdefault(model, {"queued": 0, "running": 0, "oldest_queued_s": 0})
+                entry[status] = int(count)
+                if status == _QUEUED and oldest is not None:
+                    if oldest.tzinfo is None:
+                        oldest = oldest.replace(tzinfo=UTC)
+                    entry["oldest_queued_s"] = max((now - oldest).total_seconds(), 0.0)
+        return stats
 
     def fail_unstarted(self, job_id: str, code: str, message: str) -> bool:
         """Fail a queued or running job outright (a poison message); False if it was not."""
@@ -695,6 +803,7 @@ def _insert_values(job: NewJob, now: datetime) -> dict[str, Any]:
         "idempotency_key": job.idempotency_key,
         "request_hash": job.request_hash,
         "lease_owner": None,
+        "retry_at": None,
         "lease_expires_at": None,
         "updated_at": now,
     }
@@ -729,6 +838,7 @@ def _record(row: Mapping[Any, Any]) -> JobRecord:
         lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"],
         updated_at=row["updated_at"],
+        retry_at=row["retry_at"],
     )
 
 

@@ -54,6 +54,7 @@ class JobRow(SQLModel, table=True):
         Index("ix_jobs_status_model_created_id", "status", "model", "created_at", "id"),
         Index("ix_jobs_created_id", "created_at", "id"),
         Index("uq_jobs_idempotency_key", "idempotency_key", unique=True),
+        Index("ix_jobs_status_retry_at", "status", "retry_at"),
     )
 
     id: str = Field(primary_key=True, max_length=128)
@@ -81,6 +82,8 @@ class JobRow(SQLModel, table=True):
     request_hash: str | None = Field(default=None, max_length=128)
     lease_owner: str | None = Field(default=None, max_length=128)
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # not-before of a scheduled retry: the job waits in the store, not on a partition
+    retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 

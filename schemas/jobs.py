@@ -95,6 +95,9 @@ class JobResource(BaseModel):
     started_at: datetime | None = None
     completed_at: datetime | None = None
     expires_at: datetime | None = None
+    next_attempt_at: datetime | None = Field(
+        default=None, description="When a job waiting out a retry backoff runs again."
+    )
     metadata: dict[str, Any] | None = None
     source: str | None = Field(default=None, description="Who published the job (CloudEvents).")
 

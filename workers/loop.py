@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dlq.router import DeadLetter, DeadLetterRouter
-from jobstore.records import JobRecord, NewJob, Outcome
+from jobstore.records import JobRecord, NewJob, Outcome, Reschedule
 from jobstore.store import JobStore
 from schemas.contracts import ContractViolation, ModelConfig, resolve_version, validate_input
 from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
@@ -31,6 +31,8 @@ from transports.base import Consumer, Delivery, DepthProbe
 from workers.adapters import LoadedModel
 from workers.batcher import Batch, MicroBatcher
 from workers.metrics import WorkerMetrics
+from workers.retry import RetryPolicy, RetryPump
+from workers.throughput import Ewma
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class Worker:
         config: WorkerConfig,
         depth: DepthProbe | None = None,
         executor: Executor | None = None,
+        retry: RetryPolicy | None = None,
+        retry_pump: RetryPump | None = None,
     ) -> None:
         self.consumer = consumer
         self.store = store
@@ -83,6 +87,9 @@ class Worker:
         self.metrics = metrics
         self.config = config
         self.depth = depth
+        self.retry = retry or RetryPolicy()
+        self.retry_pump = retry_pump
+        self.throughput = Ewma(half_life_s=30.0)
         # one inference thread per model keeps batches of a model in order and off the loop
         self.executor = executor or ThreadPoolExecutor(
             max_workers=max(1, len(self.models)), thread_name_prefix="inferq-infer"
@@ -111,6 +118,8 @@ class Worker:
         side = [asyncio.create_task(self._heartbeats(stop), name="heartbeat")]
         if self.depth is not None:
             side.append(asyncio.create_task(self._depth_loop(stop), name="depth"))
+        if self.retry_pump is not None:
+            side.append(asyncio.create_task(self.retry_pump.run(stop), name="retry-pump"))
         try:
             while not stop.is_set():
                 deliveries = await self.consumer.fetch(
@@ -278,31 +287,51 @@ class Worker:
         self, model: LoadedModel, items: list[WorkItem], outcomes: list[Outcome]
     ) -> None:
         try:
-            await self._store_outcomes(outcomes)
+            final, retries = self._split_retries(outcomes)
+            await self._store_outcomes(final, retries)
             name = model.config.name
             now = datetime.now(UTC)
+            retrying = {r.job_id for r in retries}
             for item, outcome in zip(items, outcomes, strict=True):
-                self.metrics.jobs.labels(name, outcome.status.value).inc()
-                self.metrics.end_to_end.labels(name).observe(
-                    (now - item.record.created_at).total_seconds()
-                )
-                if outcome.status is JobStatus.FAILED:
+                if outcome.job_id in retrying:
+                    self.metrics.retries.labels(name, outcome.error_code or "unknown").inc()
+                else:
+                    self.metrics.jobs.labels(name, outcome.status.value).inc()
+                    self.metrics.end_to_end.labels(name).observe(
+                        (now - item.record.created_at).total_seconds()
+                    )
+                if outcome.status is JobStatus.FAILED and outcome.job_id not in retrying:
                     await self.dead_letters.send(_inference_letter(item, outcome))
                     self.metrics.dead_letters.labels(outcome.error_code or "unknown").inc()
                 self.consumer.ack(item.delivery)
                 self._in_flight.discard(item.record.id)
-            self.processed += len(items)
+            self.processed += len(items) - len(retries)
+            self.throughput.add(len(items) - len(retries))
             self._room.set()
             self.metrics.in_flight.set(len(self._in_flight))
             await self._commit()
         finally:
             self._writes.release()
 
-    async def _store_outcomes(self, outcomes: list[Outcome]) -> None:
+    def _split_retries(self, outcomes: list[Outcome]) -> tuple[list[Outcome], list[Reschedule]]:
+        final: list[Outcome] = []
+        retries: list[Reschedule] = []
+        for o in outcomes:
+            code = o.error_code or ErrorCode.INFERENCE_FAILED.value
+            if o.status is JobStatus.FAILED and self.retry.should_retry(
+                code, o.retryable, o.attempt
+            ):
+                retries.append(Reschedule(o.job_id, o.attempt, self.retry.retry_at(o.attempt),
+                                          code, o.error_message or ""))
+            else:
+                final.append(o)
+        return final, retries
+
+    async def _store_outcomes(self, outcomes: list[Outcome], retries: list[Reschedule]) -> None:
         delay = 0.05
         while True:
             try:
-                await asyncio.to_thread(self.store.complete, outcomes)
+                await asyncio.to_thread(self.store.complete, outcomes, retries)
                 return
             except Exception as exc:  # the store is down: keep the outcome, retry, never ack
                 log.warning("storing %d outcomes failed, retrying: %s", len(outcomes), exc)
@@ -324,8 +353,11 @@ class Worker:
             for m in self.models.values()
         ]
         while not stop.is_set():
+            rate = self.throughput.rate()
+            self.metrics.throughput.set(rate)
+            beat = [{**m, "jobs_per_s": f"{rate:.3f}"} for m in models]
             try:
-                await asyncio.to_thread(self.store.heartbeat, self.config.worker_id, models)
+                await asyncio.to_thread(self.store.heartbeat, self.config.worker_id, beat)
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             await _sleep_until(stop, self.config.heartbeat_interval_s)

@@ -1,0 +1,116 @@
+"""Retry policy as an object, and the pump that puts due retries back on the bus.
+
+A failed attempt that may succeed later does not sleep on its partition: the job goes back
+to ``queued`` in the store with a not-before time, its message is acknowledged, and the pump
+re-publishes it when due. The jobs behind it on the partition never wait for its backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from jobstore.records import JobRecord
+from jobstore.store import JobStore
+from schemas.envelope import JobEnvelope
+from schemas.errors import ErrorCode
+from schemas.jobs import JobRequest, WebhookSpec
+from transports.base import Publisher
+
+log = logging.getLogger(__name__)
+
+# Errors that fail the same way every time: retrying only delays the dead letter.
+NEVER_RETRY = frozenset({
+    ErrorCode.INVALID_INPUT.value,
+    ErrorCode.UNKNOWN_MODEL.value,
+    ErrorCode.UNKNOWN_VERSION.value,
+    ErrorCode.MALFORMED_MESSAGE.value,
+    ErrorCode.INVALID_ENVELOPE.value,
+    ErrorCode.UNSUPPORTED_EVENT_TYPE.value,
+})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter and a cap (dramatiq's retries middleware shape)."""
+
+    max_attempts: int = 5
+    base_delay_s: float = 1.0
+    max_delay_s: float = 300.0
+    jitter: float = 0.5  # fraction of the delay that is randomised
+    never_retry: frozenset[str] = NEVER_RETRY
+    rng: Callable[[], float] = field(default=random.random, compare=False, repr=False)
+
+    def should_retry(self, code: str, retryable: bool, attempt: int) -> bool:
+        return retryable and code not in self.never_retry and attempt < self.max_attempts
+
+    def delay_s(self, attempt: int) -> float:
+        """Backoff after the ``attempt``-th failure (1-based)."""
+        raw = min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s)
+        return raw * (1 - self.jitter) + raw * self.jitter * self.rng()
+
+    def retry_at(self, attempt: int, now: datetime | None = None) -> datetime:
+        return (now or datetime.now(UTC)) + timedelta(seconds=self.delay_s(attempt))
+
+
+def envelope_for(record: JobRecord, source: str) -> JobEnvelope:
+    """The bus event of a job, rebuilt from its row (for retries and redrives)."""
+    request = JobRequest(
+        model=record.model,
+        version=record.version,
+        input=record.input,
+        webhook=WebhookSpec.model_validate(record.webhook) if record.webhook else None,
+        priority=record.priority,
+        metadata=record.metadata,
+    )
+    return JobEnvelope(id=record.id, source=record.source or source, time=record.created_at,
+                       data=request)
+
+
+class RetryPump:
+    """Re-publishes due retries; safe to run in every worker at once (rows are taken
+    atomically, and a duplicate message of a job is harmless by construction)."""
+
+    def __init__(self, store: JobStore, publisher: Publisher, topic: str, *,
+                 interval_s: float = 0.2, source: str = "urn:inferq:retry") -> None:
+        self.store = store
+        self.publisher = publisher
+        self.topic = topic
+        self.interval_s = interval_s
+        self.source = source
+        self.published = 0
+
+    async def pump_once(self) -> int:
+        due = await asyncio.to_thread(self.store.due_retries)
+        if not due:
+            return 0
+        sent = []
+        for record in due:
+            headers, value = envelope_for(record, self.source).to_binary()
+            try:
+                await self.publisher.publish(self.topic, value, key=record.id.encode(),
+                                             headers=headers)
+                sent.append(record.id)
+            except Exception as exc:  # stays due; the hold time brings it back
+                log.warning("re-publishing retry of %s failed: %s", record.id, exc)
+        if sent:
+            await asyncio.to_thread(self.store.retries_published, sent)
+        self.published += len(sent)
+        return len(sent)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = await self.pump_once()
+            except Exception as exc:
+                log.warning("retry pump: %s", exc)
+                busy = 0
+            if not busy:
+                try:
+                    await asyncio.wait_for(stop.wait(), self.interval_s)
+                except TimeoutError:
+                    pass
