@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -59,11 +60,17 @@ class DeadLetterRouter:
     message must not be acknowledged before its dead letter is durable."""
 
     def __init__(
-        self, publisher: Publisher, destination: str, *, max_backoff_s: float = 5.0
+        self,
+        publisher: Publisher,
+        destination: str,
+        *,
+        max_backoff_s: float = 5.0,
+        record: Callable[[DeadLetter], object] | None = None,
     ) -> None:
         self.publisher = publisher
         self.destination = destination
         self.max_backoff_s = max_backoff_s
+        self.record = record  # e.g. DeadLetterStore.add: makes the letter listable
 
     async def send(self, letter: DeadLetter) -> None:
         delay = 0.05
@@ -75,8 +82,19 @@ class DeadLetterRouter:
                     key=letter.delivery.key,
                     headers=letter.headers(),
                 )
-                return
+                break
             except TransportError as exc:
                 log.warning("dead-letter publish failed, retrying in %.2fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        if self.record is None:
+            return
+        delay = 0.05
+        while True:
+            try:
+                await asyncio.to_thread(self.record, letter)
+                return
+            except Exception as exc:  # the store is down: the message must not be acked yet
+                log.warning("recording dead letter failed, retrying in %.2fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)

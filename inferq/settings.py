@@ -29,6 +29,16 @@ class Settings(BaseSettings):
     worker_metrics_port: int = 9400
 
     max_backlog: int = Field(default=100_000, ge=1)
+    max_backlog_per_model: dict[str, int] = Field(default_factory=dict)  # JSON: {"minilm": 5000}
+
+    retry_max_attempts: int = Field(default=5, ge=1)
+    retry_base_delay_s: float = Field(default=1.0, ge=0)
+    retry_max_delay_s: float = Field(default=300.0, ge=0)
+
+    autoscale_target_drain_s: float = Field(default=60.0, gt=0)
+    autoscale_min_workers: int = Field(default=1, ge=0)
+    autoscale_max_workers: int = Field(default=16, ge=1)
+    autoscale_scale_down_delay_s: float = Field(default=120.0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     publish_timeout_s: float = Field(default=10.0, gt=0)
     publish_attempts: int = Field(default=4, ge=1)

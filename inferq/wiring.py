@@ -12,7 +12,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from dlq.http import make_router
+from dlq.redrive import Redriver
 from dlq.router import DeadLetterRouter
+from dlq.store import DeadLetterStore
 from inferq.settings import Settings
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
@@ -23,6 +26,7 @@ from workers.adapters import LoadedModel, load_model
 from workers.loop import Worker, WorkerConfig
 from workers.metrics import WorkerMetrics
 from workers.repository import ModelRepository
+from workers.retry import RetryPolicy, RetryPump
 from workers.runtime import choose_providers
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,12 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
         ),
         registry=registry or CollectorRegistry(),
     )
-    return create_app(deps)
+    app = create_app(deps)
+    letters = DeadLetterStore(store.engine)
+    letters.create_schema()
+    redriver = Redriver(letters, deps.publisher, settings.kafka_topic, store.requeue_failed)
+    app.include_router(make_router(letters, redriver))
+    return app
 
 
 def load_models(settings: Settings) -> dict[tuple[str, str], LoadedModel]:
@@ -96,6 +105,14 @@ def load_models(settings: Settings) -> dict[tuple[str, str], LoadedModel]:
         )
     providers = choose_providers(settings.provider_preference)
     return {c.key: load_model(repo, c, providers, settings.inference_threads) for c in configs}
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=settings.retry_max_attempts,
+        base_delay_s=settings.retry_base_delay_s,
+        max_delay_s=settings.retry_max_delay_s,
+    )
 
 
 def worker_id(settings: Settings) -> str:
@@ -120,11 +137,13 @@ async def run_worker(
     publisher = KafkaPublisher(config)
     await publisher.start()
     depth = KafkaDepth(config, settings.kafka_topic, settings.kafka_group)
+    letters = DeadLetterStore(store.engine)
+    letters.create_schema()
     worker = Worker(
         consumer=KafkaConsumer(config, settings.kafka_topic, settings.kafka_group),
         store=store,
         models=models,
-        dead_letters=DeadLetterRouter(publisher, settings.dlq_topic),
+        dead_letters=DeadLetterRouter(publisher, settings.dlq_topic, record=letters.add),
         metrics=WorkerMetrics(registry or CollectorRegistry()),
         config=WorkerConfig(
             worker_id=wid,
@@ -132,6 +151,8 @@ async def run_worker(
             lease_s=settings.worker_lease_s,
         ),
         depth=depth,
+        retry=retry_policy(settings),
+        retry_pump=RetryPump(store, publisher, settings.kafka_topic),
     )
     try:
         await depth.start()

@@ -278,9 +278,7 @@ class JobStore:
         to_run: builtins.list[str] = []
         claimed: dict[str, JobRecord] = {}
         with self._begin(write=True) as conn:
-            states = self._lock(
-                conn, wanted, _JOBS.c.status, _JOBS.c.expires_at, _JOBS.c.retry_at
-            )
+            states = self._lock(conn, wanted, _JOBS.c.status, _JOBS.c.expires_at, _JOBS.c.retry_at)
             for job_id in wanted:
                 if job_id not in states:
                     continue
@@ -369,11 +367,21 @@ class JobStore:
         for r in retries:
             result = conn.execute(
                 update(_JOBS)
-                .where(_JOBS.c.id == r.job_id, _JOBS.c.status == _RUNNING,
-                       _JOBS.c.attempts == r.attempt)
-                .values(status=_QUEUED, retry_at=r.retry_at, error_code=r.error_code,
-                        error_message=r.error_message, error_retryable=True,
-                        lease_owner=None, lease_expires_at=None, updated_at=now)
+                .where(
+                    _JOBS.c.id == r.job_id,
+                    _JOBS.c.status == _RUNNING,
+                    _JOBS.c.attempts == r.attempt,
+                )
+                .values(
+                    status=_QUEUED,
+                    retry_at=r.retry_at,
+                    error_code=r.error_code,
+                    error_message=r.error_message,
+                    error_retryable=True,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
             )
             if result.rowcount == 1:
                 done.append(r.job_id)
@@ -389,12 +397,14 @@ class JobStore:
         """
         now = utcnow() if now is None else require_aware(now, "now")
         with self._begin(write=True) as conn:
-            ids = builtins.list(conn.scalars(
-                select(_JOBS.c.id)
-                .where(_JOBS.c.status == _QUEUED, _JOBS.c.retry_at <= now)
-                .order_by(_JOBS.c.retry_at)
-                .limit(limit)
-            ))
+            ids = builtins.list(
+                conn.scalars(
+                    select(_JOBS.c.id)
+                    .where(_JOBS.c.status == _QUEUED, _JOBS.c.retry_at <= now)
+                    .order_by(_JOBS.c.retry_at)
+                    .limit(limit)
+                )
+            )
             if not ids:
                 return []
             rows = conn.execute(
@@ -425,9 +435,16 @@ class JobStore:
                 rows = conn.execute(
                     update(_JOBS)
                     .where(_JOBS.c.id.in_(chunk), _JOBS.c.status == JobStatus.FAILED.value)
-                    .values(status=_QUEUED, result=None, error_code=None, error_message=None,
-                            error_retryable=False, completed_at=None, retry_at=None,
-                            updated_at=now)
+                    .values(
+                        status=_QUEUED,
+                        result=None,
+                        error_code=None,
+                        error_message=None,
+                        error_retryable=False,
+                        completed_at=None,
+                        retry_at=None,
+                        updated_at=now,
+                    )
                     .returning(_JOBS)
                 ).mappings()
                 out.extend(_record(row) for row in rows)

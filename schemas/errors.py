@@ -37,6 +37,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_EVENT_TYPE = "unsupported_event_type"
     # execution
     INFERENCE_FAILED = "inference_failed"
+    # dead letters
+    DEAD_LETTER_NOT_FOUND = "dead_letter_not_found"
     # routing
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"

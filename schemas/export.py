@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from schemas.contracts import ModelConfig, TensorInput, TextEmbeddingInput
+from schemas.dlq import DeadLetterPage, RedriveRequest, RedriveResult
 from schemas.envelope import JobEnvelope
 from schemas.errors import ErrorResponse
 from schemas.jobs import JobPage, JobRequest, JobResource, ModelList
@@ -27,6 +28,9 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "model-config": ModelConfig,
     "input-text-embedding": TextEmbeddingInput,
     "input-identity": TensorInput,
+    "dead-letter-page": DeadLetterPage,
+    "redrive-request": RedriveRequest,
+    "redrive-result": RedriveResult,
 }
 
 JSON_DIR = Path(__file__).parent / "json"

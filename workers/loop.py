@@ -321,8 +321,15 @@ class Worker:
             if o.status is JobStatus.FAILED and self.retry.should_retry(
                 code, o.retryable, o.attempt
             ):
-                retries.append(Reschedule(o.job_id, o.attempt, self.retry.retry_at(o.attempt),
-                                          code, o.error_message or ""))
+                retries.append(
+                    Reschedule(
+                        o.job_id,
+                        o.attempt,
+                        self.retry.retry_at(o.attempt),
+                        code,
+                        o.error_message or "",
+                    )
+                )
             else:
                 final.append(o)
         return final, retries

@@ -58,12 +58,15 @@ class WorkerMetrics:
             registry=registry,
         )
         self.retries = Counter(
-            "inferq_retries_total", "Failed attempts scheduled for a retry.", ["model", "code"],
+            "inferq_retries_total",
+            "Failed attempts scheduled for a retry.",
+            ["model", "code"],
             registry=registry,
         )
         self.throughput = Gauge(
             "inferq_worker_throughput_jobs_per_second",
-            "Jobs finished per second by this worker (EWMA).", registry=registry,
+            "Jobs finished per second by this worker (EWMA).",
+            registry=registry,
         )
         self.in_flight = Gauge(
             "inferq_worker_inflight_jobs", "Jobs claimed and not yet stored.", registry=registry

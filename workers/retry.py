@@ -8,6 +8,7 @@ re-publishes it when due. The jobs behind it on the partition never wait for its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -24,14 +25,16 @@ from transports.base import Publisher
 log = logging.getLogger(__name__)
 
 # Errors that fail the same way every time: retrying only delays the dead letter.
-NEVER_RETRY = frozenset({
-    ErrorCode.INVALID_INPUT.value,
-    ErrorCode.UNKNOWN_MODEL.value,
-    ErrorCode.UNKNOWN_VERSION.value,
-    ErrorCode.MALFORMED_MESSAGE.value,
-    ErrorCode.INVALID_ENVELOPE.value,
-    ErrorCode.UNSUPPORTED_EVENT_TYPE.value,
-})
+NEVER_RETRY = frozenset(
+    {
+        ErrorCode.INVALID_INPUT.value,
+        ErrorCode.UNKNOWN_MODEL.value,
+        ErrorCode.UNKNOWN_VERSION.value,
+        ErrorCode.MALFORMED_MESSAGE.value,
+        ErrorCode.INVALID_ENVELOPE.value,
+        ErrorCode.UNSUPPORTED_EVENT_TYPE.value,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,24 @@ def envelope_for(record: JobRecord, source: str) -> JobEnvelope:
         priority=record.priority,
         metadata=record.metadata,
     )
-    return JobEnvelope(id=record.id, source=record.source or source, time=record.created_at,
-                       data=request)
+    return JobEnvelope(
+        id=record.id, source=record.source or source, time=record.created_at, data=request
+    )
 
 
 class RetryPump:
     """Re-publishes due retries; safe to run in every worker at once (rows are taken
     atomically, and a duplicate message of a job is harmless by construction)."""
 
-    def __init__(self, store: JobStore, publisher: Publisher, topic: str, *,
-                 interval_s: float = 0.2, source: str = "urn:inferq:retry") -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        publisher: Publisher,
+        topic: str,
+        *,
+        interval_s: float = 0.2,
+        source: str = "urn:inferq:retry",
+    ) -> None:
         self.store = store
         self.publisher = publisher
         self.topic = topic
@@ -92,8 +103,9 @@ class RetryPump:
         for record in due:
             headers, value = envelope_for(record, self.source).to_binary()
             try:
-                await self.publisher.publish(self.topic, value, key=record.id.encode(),
-                                             headers=headers)
+                await self.publisher.publish(
+                    self.topic, value, key=record.id.encode(), headers=headers
+                )
                 sent.append(record.id)
             except Exception as exc:  # stays due; the hold time brings it back
                 log.warning("re-publishing retry of %s failed: %s", record.id, exc)
@@ -110,7 +122,5 @@ class RetryPump:
                 log.warning("retry pump: %s", exc)
                 busy = 0
             if not busy:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.interval_s)
-                except TimeoutError:
-                    pass

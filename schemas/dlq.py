@@ -1,0 +1,60 @@
+"""Dead letters on the HTTP surface: listing, inspecting, redriving."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DeadLetterResource(BaseModel):
+    id: str
+    job_id: str | None
+    model: str | None
+    version: str | None
+    code: str = Field(description="Why it was dead-lettered (a stable error code).")
+    message: str
+    exception: str | None
+    attempts: int
+    origin: str = Field(description="The topic or queue it came from.")
+    position: str = Field(description="partition@offset, or the SQS message id.")
+    created_at: datetime
+    redriven_at: datetime | None
+    payload: Any | None = Field(default=None, description="The original message (show only).")
+    headers: dict[str, str] | None = None
+
+
+class DeadLetterPage(BaseModel):
+    data: list[DeadLetterResource]
+    next_offset: int | None = None
+
+
+class DeadLetterFilterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    code: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class RedriveRequest(BaseModel):
+    """Redrive the given entries, or every entry that matches the filter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
+    filter: DeadLetterFilterBody | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RedriveRequest:
+        if (self.ids is None) == (self.filter is None):
+            raise ValueError("give exactly one of 'ids' or 'filter'")
+        return self
+
+
+class RedriveResult(BaseModel):
+    redriven: list[str]
+    already_redriven: list[str]
+    failed: dict[str, str]
