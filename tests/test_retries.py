@@ -1,0 +1,195 @@
+"""Retries that don't block the partition, poison to the DLQ, and redrive, on the in-memory bus."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+
+from dlq.redrive import Redriver
+from dlq.router import DeadLetterRouter
+from dlq.store import DeadLetterFilter, DeadLetterStore
+from jobstore.store import JobStore
+from schemas.contracts import ModelConfig, TensorInput
+from schemas.envelope import new_envelope
+from schemas.jobs import JobRequest, JobStatus
+from transports.memory import MemoryBroker, MemoryConsumer, MemoryPublisher
+from workers.errors import InferenceError
+from workers.loop import Worker, WorkerConfig
+from workers.metrics import WorkerMetrics
+from workers.retry import RetryPolicy, RetryPump
+
+TOPIC, DLQ, GROUP = "jobs", "jobs.dlq", "workers"
+
+
+@dataclass
+class Scripted:
+    """Identity-like model: value 13 always fails (poison); value 7 fails until the model
+    "recovers" (a busy GPU), whether it runs in a batch or alone."""
+
+    config: ModelConfig = field(default_factory=lambda: ModelConfig(
+        name="scripted", version="1", adapter="identity", max_batch_size=16, max_wait_ms=2))
+    provider: str = "CPUExecutionProvider"
+    calls: dict[float, int] = field(default_factory=dict)
+    broken: bool = True
+    done_at: dict[float, float] = field(default_factory=dict)
+    recover_at: float = field(default_factory=lambda: time.monotonic() + 1.5)
+
+    def run(self, inputs: list[BaseModel]) -> list[dict[str, Any]]:
+        out = []
+        for i in inputs:
+            assert isinstance(i, TensorInput)
+            v = i.tensor[0]
+            self.calls[v] = self.calls.get(v, 0) + 1
+            if v == 13 and self.broken:
+                raise InferenceError("model cannot handle 13", retryable=False)
+            if v == 7 and time.monotonic() < self.recover_at:
+                raise InferenceError("GPU busy, try again", retryable=True)
+            self.done_at[v] = time.monotonic()
+            out.append({"tensor": i.tensor})
+        return out
+
+
+@dataclass
+class Rig:
+    broker: MemoryBroker
+    store: JobStore
+    letters: DeadLetterStore
+    model: Scripted
+
+    def worker(self, policy: RetryPolicy) -> Worker:
+        pub = MemoryPublisher(self.broker)
+        return Worker(
+            consumer=MemoryConsumer(self.broker, TOPIC, GROUP), store=self.store,
+            models={self.model.config.key: self.model},
+            dead_letters=DeadLetterRouter(pub, DLQ, record=self.letters.add),
+            metrics=WorkerMetrics(CollectorRegistry()),
+            config=WorkerConfig(worker_id="w", fetch_timeout_s=0.02),
+            retry=policy, retry_pump=RetryPump(self.store, pub, TOPIC, interval_s=0.02),
+        )
+
+    async def run_until(self, policy: RetryPolicy, done: Callable[[], bool]) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.worker(policy).run(stop))
+        try:
+            async with asyncio.timeout(30):
+                while not done():
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await task
+
+    def status(self, job_id: str) -> JobStatus | None:
+        record = self.store.get(job_id)
+        return record.status if record else None
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_schema()
+    letters = DeadLetterStore(store.engine)
+    letters.create_schema()
+    yield Rig(MemoryBroker(), store, letters, Scripted())
+    store.close()
+
+
+async def _publish(rig: Rig, job_id: str, value: float) -> None:
+    env = new_envelope(job_id, JobRequest(model="scripted", input={"tensor": [value]}), "urn:t")
+    headers, body = env.to_binary()
+    await MemoryPublisher(rig.broker).publish(TOPIC, body, key=job_id.encode(), headers=headers)
+
+
+def test_policy_backoff_grows_is_capped_and_jittered() -> None:
+    fixed = RetryPolicy(base_delay_s=1, max_delay_s=10, jitter=0.5, rng=lambda: 1.0)
+    assert [fixed.delay_s(a) for a in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 8, 10, 10]
+    low = RetryPolicy(base_delay_s=1, max_delay_s=10, jitter=0.5, rng=lambda: 0.0)
+    assert low.delay_s(3) == 2.0  # half of the 4 s is jitter
+    policy = RetryPolicy(max_attempts=3)
+    assert policy.should_retry("inference_failed", True, 1)
+    assert not policy.should_retry("inference_failed", True, 3)  # exhausted
+    assert not policy.should_retry("inference_failed", False, 1)  # permanent
+    assert not policy.should_retry("invalid_input", True, 1)  # never retried
+
+
+async def test_transient_retries_poison_dead_letters_and_good_jobs_are_not_held_up(
+    rig: Rig,
+) -> None:
+    # attempt 1 at ~0 s and 2 at ~1 s fail (still busy), 3 at ~3 s succeeds
+    policy = RetryPolicy(max_attempts=4, base_delay_s=1.0, max_delay_s=5, jitter=0)
+    await _publish(rig, "transient", 7)
+    await _publish(rig, "poison", 13)
+    good = [f"good-{i}" for i in range(30)]
+    started = time.monotonic()
+    for i, job_id in enumerate(good):
+        await _publish(rig, job_id, 100 + i)
+    await rig.run_until(policy, lambda: all(
+        rig.status(j) in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        for j in ["transient", "poison", *good]))
+    # good jobs published behind the failing ones finished before the first backoff ended
+    slowest_good = max(rig.model.done_at[100 + i] for i in range(30)) - started
+    assert slowest_good < policy.delay_s(1), slowest_good
+    transient = rig.store.get("transient")
+    assert transient is not None and transient.status is JobStatus.SUCCEEDED
+    assert transient.attempts == 3
+    poison = rig.store.get("poison")
+    assert poison is not None and poison.status is JobStatus.FAILED
+    assert poison.error_code == "inference_failed" and "13" in (poison.error_message or "")
+    assert poison.attempts == 1 and rig.model.calls[13] == 1  # permanent: never retried
+    [letter] = rig.letters.list(DeadLetterFilter())
+    assert letter.job_id == "poison" and letter.code == "inference_failed"
+    assert letter.model == "scripted" and letter.attempts == 1
+
+
+async def test_exhausted_retries_go_to_the_dlq_with_attempts(rig: Rig) -> None:
+    policy = RetryPolicy(max_attempts=2, base_delay_s=0.05, jitter=0)
+    await _publish(rig, "transient", 7)  # needs 3 attempts, gets 2
+    await rig.run_until(policy, lambda: rig.status("transient") is JobStatus.FAILED)
+    record = rig.store.get("transient")
+    assert record is not None and record.attempts == 2 and record.error_retryable
+    [letter] = rig.letters.list(DeadLetterFilter(code="inference_failed"))
+    assert letter.attempts == 2
+
+
+async def test_redrive_after_the_fix_succeeds_and_is_idempotent(rig: Rig) -> None:
+    policy = RetryPolicy(max_attempts=1)
+    await _publish(rig, "poison", 13)
+    await rig.run_until(policy, lambda: rig.status("poison") is JobStatus.FAILED)
+    [letter] = rig.letters.list(DeadLetterFilter(model="scripted"))
+    redriver = Redriver(rig.letters, MemoryPublisher(rig.broker), TOPIC,
+                        rig.store.requeue_failed)
+    rig.model.broken = False  # the model is fixed
+    first = await redriver.redrive([letter.id])
+    second = await redriver.redrive([letter.id])
+    assert first.redriven == [letter.id] and second.already_redriven == [letter.id]
+    assert len(rig.broker.messages(TOPIC)) == 2  # the original and exactly one redrive
+    record = rig.store.get("poison")
+    assert record is not None and record.status is JobStatus.QUEUED and record.attempts == 1
+    await rig.run_until(policy, lambda: rig.status("poison") is JobStatus.SUCCEEDED)
+    record = rig.store.get("poison")
+    assert record is not None and record.attempts == 2  # history kept: same id, 2nd attempt
+    assert rig.letters.list(DeadLetterFilter()) == []  # nothing waiting any more
+    assert len(rig.letters.list(DeadLetterFilter(include_redriven=True))) == 1
+    assert rig.letters.purge(DeadLetterFilter(model="nothing-matches")) == 0
+
+
+async def test_stale_copy_of_a_job_in_backoff_is_not_run_early(rig: Rig) -> None:
+    policy = RetryPolicy(max_attempts=5, base_delay_s=60, jitter=0)
+    await _publish(rig, "transient", 7)
+    await rig.run_until(policy, lambda: rig.status("transient") is JobStatus.QUEUED
+                        and rig.store.get("transient").retry_at is not None)  # type: ignore[union-attr]
+    await _publish(rig, "transient", 7)  # e.g. a redelivery of the original
+    await rig.run_until(policy, lambda: rig.broker.topic(TOPIC).committed.get(GROUP) == 2)
+    assert rig.model.calls[7] == 1
+    record = rig.store.get("transient")
+    assert record is not None and record.status is JobStatus.QUEUED
+    assert record.to_resource().next_attempt_at is not None
