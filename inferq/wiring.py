@@ -20,6 +20,7 @@ from inferq.settings import Settings
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
 from producers.asyncapi import asyncapi_document
+from producers.autoscale import AutoscalePolicy
 from schemas.contracts import ModelConfig
 from transports.kafka import KafkaConfig, KafkaConsumer, KafkaDepth, KafkaPublisher, ensure_topics
 from workers.adapters import LoadedModel, load_model
@@ -76,6 +77,7 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
         config=ApiConfig(
             topic=settings.kafka_topic,
             max_backlog=settings.max_backlog,
+            max_backlog_per_model=settings.max_backlog_per_model,
             max_body_bytes=settings.max_body_bytes,
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
@@ -87,6 +89,8 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
             ),
         ),
         registry=registry or CollectorRegistry(),
+        depth=KafkaDepth(config, settings.kafka_topic, settings.kafka_group),
+        autoscale=autoscale_policy(settings),
     )
     app = create_app(deps)
     letters = DeadLetterStore(store.engine)
@@ -105,6 +109,17 @@ def load_models(settings: Settings) -> dict[tuple[str, str], LoadedModel]:
         )
     providers = choose_providers(settings.provider_preference)
     return {c.key: load_model(repo, c, providers, settings.inference_threads) for c in configs}
+
+
+def autoscale_policy(settings: Settings) -> AutoscalePolicy:
+    return AutoscalePolicy(
+        target_drain_s=settings.autoscale_target_drain_s,
+        min_workers=settings.autoscale_min_workers,
+        max_workers=settings.autoscale_max_workers,
+        scale_down_delay_s=settings.autoscale_scale_down_delay_s,
+        # a consumer group never uses more consumers than the topic has partitions
+        max_partitions=settings.kafka_partitions,
+    )
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:

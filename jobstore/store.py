@@ -560,6 +560,18 @@ class JobStore:
         with self._begin(write=True) as conn:
             conn.execute(stmt)
 
+    def live_workers(
+        self, *, max_age_s: float = 30.0, now: datetime | None = None
+    ) -> dict[str, builtins.list[dict[str, str]]]:
+        """worker id -> the models it reported, for workers with a fresh heartbeat."""
+        now = utcnow() if now is None else require_aware(now, "now")
+        since = now - timedelta(seconds=max_age_s)
+        query = select(_WORKERS.c.worker_id, _WORKERS.c.models).where(
+            _WORKERS.c.heartbeat_at >= since
+        )
+        with self._begin(write=False) as conn:
+            return {wid: builtins.list(models or []) for wid, models in conn.execute(query)}
+
     def providers(
         self, *, max_age_s: float = 30.0, now: datetime | None = None
     ) -> dict[tuple[str, str], set[str]]:

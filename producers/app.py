@@ -26,6 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from jobstore.errors import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
 from jobstore.records import NewJob
 from jobstore.store import JobStore
+from producers.autoscale import AutoscalePolicy
+from producers.backpressure import BacklogMonitor
 from producers.errors import ApiError, install_handlers
 from producers.limits import BodySizeLimit
 from producers.metrics import ApiMetrics
@@ -39,8 +41,16 @@ from schemas.contracts import (
 )
 from schemas.envelope import new_envelope
 from schemas.errors import ErrorCode, ErrorResponse
-from schemas.jobs import JobPage, JobRequest, JobResource, JobStatus, ModelInfo, ModelList
-from transports.base import Publisher
+from schemas.jobs import (
+    AutoscaleResource,
+    JobPage,
+    JobRequest,
+    JobResource,
+    JobStatus,
+    ModelInfo,
+    ModelList,
+)
+from transports.base import DepthProbe, Publisher
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_WAIT_S = 60.0
@@ -51,6 +61,7 @@ class ApiConfig:
     topic: str
     source: str = "urn:inferq:api"
     max_backlog: int = 100_000
+    max_backlog_per_model: dict[str, int] = field(default_factory=dict)
     max_body_bytes: int = 1_048_576
     publish_attempts: int = 4
     publish_timeout_s: float = 10.0
@@ -66,24 +77,8 @@ class ApiDeps:
     config: ApiConfig
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     manage_publisher: bool = True  # start/stop it with the app
-
-
-class _Backlog:
-    """Admission control reads the backlog at most every ``ttl`` seconds, not per request."""
-
-    def __init__(self, store: JobStore, ttl: float) -> None:
-        self.store, self.ttl = store, ttl
-        self.value, self.read_at = 0, float("-inf")
-
-    async def current(self) -> int:
-        now = time.monotonic()
-        if now - self.read_at > self.ttl:
-            self.value = await asyncio.to_thread(self.store.backlog)
-            self.read_at = now
-        return self.value
-
-    def bump(self) -> None:
-        self.value += 1
+    depth: DepthProbe | None = None  # bus lag, for admission and autoscaling
+    autoscale: AutoscalePolicy = field(default_factory=AutoscalePolicy)
 
 
 @dataclass
@@ -91,7 +86,7 @@ class _State:
     deps: ApiDeps
     publisher: JobPublisher
     metrics: ApiMetrics
-    backlog: _Backlog
+    backlog: BacklogMonitor
 
 
 def _state(request: Request) -> _State:
@@ -124,7 +119,14 @@ def create_app(deps: ApiDeps) -> FastAPI:
         attempts=deps.config.publish_attempts,
         timeout_s=deps.config.publish_timeout_s,
     )
-    state = _State(deps, publisher, metrics, _Backlog(deps.store, deps.config.backlog_cache_s))
+    monitor = BacklogMonitor(
+        deps.store,
+        depth=deps.depth,
+        policy=deps.autoscale,
+        registry=deps.registry,
+        ttl_s=deps.config.backlog_cache_s,
+    )
+    state = _State(deps, publisher, metrics, monitor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -188,18 +190,7 @@ def _routes(app: FastAPI) -> None:
         except ContractViolation as exc:
             raise _reject(st, 422, ErrorCode.INVALID_INPUT, exc.message, exc.field) from exc
 
-        backlog = await st.backlog.current()
-        st.metrics.backlog.set(backlog)
-        if backlog >= st.deps.config.max_backlog:
-            raise _reject(
-                st,
-                429,
-                ErrorCode.BACKLOG_FULL,
-                f"backlog of {backlog} jobs is at its limit of "
-                f"{st.deps.config.max_backlog}; retry later",
-                None,
-                headers={"Retry-After": "5"},
-            )
+        await _admit(st, config.name)
 
         job = _new_job(body, config, idempotency_key, st.deps.config.source)
         try:
@@ -240,7 +231,7 @@ def _routes(app: FastAPI) -> None:
         finally:
             st.metrics.publish_retries.inc(st.publisher.retries - retries_before)
         st.metrics.submitted.labels(config.name).inc()
-        st.backlog.bump()
+        st.backlog.accepted(config.name)
         response.headers["Location"] = f"/v1/jobs/{record.id}"
         return record.to_resource()
 
@@ -327,6 +318,30 @@ def _routes(app: FastAPI) -> None:
             )
         return ModelList(data=data)
 
+    @app.get("/v1/autoscale", response_model=AutoscaleResource, tags=["ops"])
+    async def autoscale(st: State) -> AutoscaleResource:
+        """The autoscaling signal, in a shape KEDA's metrics-api scaler reads directly."""
+        snap = await st.backlog.current()
+        signal = snap.signal
+        assert signal is not None
+        return AutoscaleResource(
+            desired_workers=signal.desired_workers,
+            raw_desired_workers=signal.raw_workers,
+            backlog=snap.backlog,
+            bus_lag=snap.lag,
+            workers=snap.workers,
+            throughput_per_worker=round(snap.throughput_per_worker, 3),
+            target_drain_s=st.deps.autoscale.target_drain_s,
+            models={
+                name: {
+                    "queued": int(m["queued"]),
+                    "running": int(m["running"]),
+                    "oldest_queued_s": round(m["oldest_queued_s"], 3),
+                }
+                for name, m in snap.per_model.items()
+            },
+        )
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -353,6 +368,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics_endpoint(st: State) -> Response:
+        await st.backlog.current()  # backlog, lag and autoscaling gauges as of this scrape
         return Response(generate_latest(st.deps.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/asyncapi.json", tags=["ops"])
@@ -361,6 +377,34 @@ def _routes(app: FastAPI) -> None:
         if doc is None:
             raise ApiError(404, ErrorCode.NOT_FOUND, "no AsyncAPI document for this transport")
         return JSONResponse(doc)
+
+
+async def _admit(st: _State, model: str) -> None:
+    """429 when the backlog, overall or of this model, is at its limit: the queue grows in
+    the broker instead of the service falling over, and the client knows when to retry."""
+    snap = await st.backlog.current()
+    limits = st.deps.config
+    checks = [(snap.backlog, limits.max_backlog, "the backlog")]
+    if model in limits.max_backlog_per_model:
+        checks.append(
+            (
+                snap.model_backlog(model),
+                limits.max_backlog_per_model[model],
+                f"the backlog of model {model!r}",
+            )
+        )
+    for backlog, limit, what in checks:
+        if backlog >= limit:
+            retry_after = snap.retry_after_s(backlog - limit + 1)
+            raise _reject(
+                st,
+                429,
+                ErrorCode.BACKLOG_FULL,
+                f"{what} ({backlog} jobs) is at its limit of {limit}; retry in {retry_after} s",
+                None,
+                headers={"Retry-After": str(retry_after)},
+                details={"backlog": backlog, "limit": limit},
+            )
 
 
 def _reject(

@@ -16,7 +16,7 @@ from schemas.contracts import ModelConfig, TensorInput, TextEmbeddingInput
 from schemas.dlq import DeadLetterPage, RedriveRequest, RedriveResult
 from schemas.envelope import JobEnvelope
 from schemas.errors import ErrorResponse
-from schemas.jobs import JobPage, JobRequest, JobResource, ModelList
+from schemas.jobs import AutoscaleResource, JobPage, JobRequest, JobResource, ModelList
 
 EXPORTED: dict[str, type[BaseModel]] = {
     "job-request": JobRequest,
@@ -31,6 +31,7 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "dead-letter-page": DeadLetterPage,
     "redrive-request": RedriveRequest,
     "redrive-result": RedriveResult,
+    "autoscale": AutoscaleResource,
 }
 
 JSON_DIR = Path(__file__).parent / "json"

@@ -127,3 +127,16 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     data: list[ModelInfo]
+
+
+class AutoscaleResource(BaseModel):
+    """`GET /v1/autoscale`: read by KEDA's metrics-api scaler (valueLocation desired_workers)."""
+
+    desired_workers: int = Field(description="Stabilised: rises at once, falls after a delay.")
+    raw_desired_workers: int
+    backlog: int = Field(description="Jobs not done: max(store queued+running, bus lag).")
+    bus_lag: int | None = Field(description="Messages the worker group has not committed.")
+    workers: int = Field(description="Workers with a fresh heartbeat.")
+    throughput_per_worker: float = Field(description="Jobs/s per worker, EWMA.")
+    target_drain_s: float
+    models: dict[str, dict[str, float]]

@@ -34,8 +34,11 @@ class Scripted:
     """Identity-like model: value 13 always fails (poison); value 7 fails until the model
     "recovers" (a busy GPU), whether it runs in a batch or alone."""
 
-    config: ModelConfig = field(default_factory=lambda: ModelConfig(
-        name="scripted", version="1", adapter="identity", max_batch_size=16, max_wait_ms=2))
+    config: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            name="scripted", version="1", adapter="identity", max_batch_size=16, max_wait_ms=2
+        )
+    )
     provider: str = "CPUExecutionProvider"
     calls: dict[float, int] = field(default_factory=dict)
     broken: bool = True
@@ -67,12 +70,14 @@ class Rig:
     def worker(self, policy: RetryPolicy) -> Worker:
         pub = MemoryPublisher(self.broker)
         return Worker(
-            consumer=MemoryConsumer(self.broker, TOPIC, GROUP), store=self.store,
+            consumer=MemoryConsumer(self.broker, TOPIC, GROUP),
+            store=self.store,
             models={self.model.config.key: self.model},
             dead_letters=DeadLetterRouter(pub, DLQ, record=self.letters.add),
             metrics=WorkerMetrics(CollectorRegistry()),
             config=WorkerConfig(worker_id="w", fetch_timeout_s=0.02),
-            retry=policy, retry_pump=RetryPump(self.store, pub, TOPIC, interval_s=0.02),
+            retry=policy,
+            retry_pump=RetryPump(self.store, pub, TOPIC, interval_s=0.02),
         )
 
     async def run_until(self, policy: RetryPolicy, done: Callable[[], bool]) -> None:
@@ -132,9 +137,13 @@ async def test_transient_retries_poison_dead_letters_and_good_jobs_are_not_held_
     started = time.monotonic()
     for i, job_id in enumerate(good):
         await _publish(rig, job_id, 100 + i)
-    await rig.run_until(policy, lambda: all(
-        rig.status(j) in (JobStatus.SUCCEEDED, JobStatus.FAILED)
-        for j in ["transient", "poison", *good]))
+    await rig.run_until(
+        policy,
+        lambda: all(
+            rig.status(j) in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+            for j in ["transient", "poison", *good]
+        ),
+    )
     # good jobs published behind the failing ones finished before the first backoff ended
     slowest_good = max(rig.model.done_at[100 + i] for i in range(30)) - started
     assert slowest_good < policy.delay_s(1), slowest_good
@@ -165,8 +174,7 @@ async def test_redrive_after_the_fix_succeeds_and_is_idempotent(rig: Rig) -> Non
     await _publish(rig, "poison", 13)
     await rig.run_until(policy, lambda: rig.status("poison") is JobStatus.FAILED)
     [letter] = rig.letters.list(DeadLetterFilter(model="scripted"))
-    redriver = Redriver(rig.letters, MemoryPublisher(rig.broker), TOPIC,
-                        rig.store.requeue_failed)
+    redriver = Redriver(rig.letters, MemoryPublisher(rig.broker), TOPIC, rig.store.requeue_failed)
     rig.model.broken = False  # the model is fixed
     first = await redriver.redrive([letter.id])
     second = await redriver.redrive([letter.id])
@@ -185,8 +193,13 @@ async def test_redrive_after_the_fix_succeeds_and_is_idempotent(rig: Rig) -> Non
 async def test_stale_copy_of_a_job_in_backoff_is_not_run_early(rig: Rig) -> None:
     policy = RetryPolicy(max_attempts=5, base_delay_s=60, jitter=0)
     await _publish(rig, "transient", 7)
-    await rig.run_until(policy, lambda: rig.status("transient") is JobStatus.QUEUED
-                        and rig.store.get("transient").retry_at is not None)  # type: ignore[union-attr]
+    await rig.run_until(
+        policy,
+        lambda: (
+            rig.status("transient") is JobStatus.QUEUED
+            and rig.store.get("transient").retry_at is not None
+        ),
+    )  # type: ignore[union-attr]
     await _publish(rig, "transient", 7)  # e.g. a redelivery of the original
     await rig.run_until(policy, lambda: rig.broker.topic(TOPIC).committed.get(GROUP) == 2)
     assert rig.model.calls[7] == 1
