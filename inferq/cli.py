@@ -179,7 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     tsub.add_parser("create", help="create the jobs and dead-letter topics").set_defaults(
         func=cmd_topics_create
     )
+    from inferq import dlq_cli
+
+    dlq_cli.add_parser(sub)
     return parser
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from inferq import dlq_cli
+
+    return dlq_cli.run(args, _settings(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    if args.command == "dlq":
+        args.func = cmd_dlq
     try:
         code: int = args.func(args)
     except SettingsError as exc:

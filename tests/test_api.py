@@ -363,3 +363,39 @@ async def test_wait_on_an_unknown_id_waits_then_404s(api: Api) -> None:
     r = await api.client.get("/v1/jobs/not-yet-published", params={"wait": 0.3})
     assert r.status_code == 404 and _error(r)["code"] == "job_not_found"
     assert time.monotonic() - started >= 0.3
+
+
+async def test_per_model_backlog_limit(api: Api) -> None:
+    api.config.max_backlog_per_model = {"identity": 1}
+    assert (await api.submit({"model": "identity", "input": {"tensor": [1]}})).status_code == 202
+    r = await api.submit({"model": "identity", "input": {"tensor": [2]}})
+    assert r.status_code == 429 and _error(r)["code"] == "backlog_full"
+    assert "identity" in _error(r)["message"] and r.headers["retry-after"]
+    # other models are not held back by identity's limit
+    assert (await api.submit({"model": "minilm", "input": {"text": "x"}})).status_code == 202
+
+
+async def test_autoscale_signal_and_backlog_gauges(api: Api) -> None:
+    for i in range(3):
+        await api.submit({"model": "minilm", "input": {"text": f"{i}"}})
+    api.store.heartbeat(
+        "w1",
+        [
+            {
+                "name": "minilm",
+                "version": "1",
+                "provider": "CPUExecutionProvider",
+                "jobs_per_s": "0.01",
+            }
+        ],
+    )
+    body = (await api.client.get("/v1/autoscale")).json()
+    assert body["backlog"] == 3 and body["workers"] == 1
+    assert body["throughput_per_worker"] == 0.01
+    # 3 jobs / (0.01 jobs/s x 60 s) = 5 workers
+    assert body["raw_desired_workers"] == 5 and body["desired_workers"] == 5
+    assert body["models"]["minilm"]["queued"] == 3
+    text = (await api.client.get("/metrics")).text
+    assert 'inferq_backlog_jobs{model="minilm",state="queued"} 3.0' in text
+    assert "inferq_desired_workers 5.0" in text
+    assert 'inferq_oldest_queued_age_seconds{model="minilm"}' in text

@@ -65,3 +65,46 @@ def test_api_without_a_broker_says_what_to_set(tmp_path) -> None:
     result = _inferq("--data-dir", str(tmp_path), "api", env={"INFERQ_KAFKA_BOOTSTRAP": ""})
     assert result.returncode == 2
     assert "INFERQ_KAFKA_BOOTSTRAP" in result.stderr and "Traceback" not in result.stderr
+
+
+def _seed_dead_letters(data_dir) -> str:
+    from dlq.router import DeadLetter
+    from dlq.store import DeadLetterStore
+    from jobstore.store import JobStore
+    from transports.base import Delivery
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")
+    store.create_schema()
+    letters = DeadLetterStore(store.engine)
+    letters.create_schema()
+    d = Delivery(b"{}", None, {}, "inferq.jobs", "0@3")
+    entry = letters.add(DeadLetter(d, "inference_failed", "boom", "job-1", "minilm"))
+    letters.add(DeadLetter(d, "invalid_input", "bad", "job-2", "minilm"))
+    store.close()
+    return entry
+
+
+def test_dlq_cli_list_show_and_the_bad_inputs(tmp_path) -> None:
+    entry = _seed_dead_letters(tmp_path)
+    listed = _inferq("--data-dir", str(tmp_path), "dlq", "list", "--json")
+    assert listed.returncode == 0
+    assert {d["code"] for d in __import__("json").loads(listed.stdout)} == {
+        "inference_failed", "invalid_input"}
+    shown = _inferq("--data-dir", str(tmp_path), "dlq", "show", entry)
+    assert shown.returncode == 0 and "job-1" in shown.stdout
+    # redrive of an id that is not in the DLQ
+    r = _inferq("--data-dir", str(tmp_path), "dlq", "redrive", "not-there")
+    assert r.returncode == 1 and "not-there" in r.stderr
+    # a filter that matches nothing
+    r = _inferq("--data-dir", str(tmp_path), "dlq", "redrive", "--model", "nothing")
+    assert r.returncode == 0 and "nothing redriven" in r.stdout
+    # purge without a filter refuses; --all without --yes and no terminal refuses too
+    r = _inferq("--data-dir", str(tmp_path), "dlq", "purge")
+    assert r.returncode == 2 and "--all" in r.stderr
+    r = _inferq("--data-dir", str(tmp_path), "dlq", "purge", "--all")
+    assert r.returncode == 2 and "--yes" in r.stderr
+    r = _inferq("--data-dir", str(tmp_path), "dlq", "purge", "--code", "invalid_input", "--yes")
+    assert r.returncode == 0 and "purged 1" in r.stdout
+    left = _inferq("--data-dir", str(tmp_path), "dlq", "list", "--json")
+    assert [d["code"] for d in __import__("json").loads(left.stdout)] == ["inference_failed"]
