@@ -90,7 +90,9 @@ def test_dlq_cli_list_show_and_the_bad_inputs(tmp_path) -> None:
     listed = _inferq("--data-dir", str(tmp_path), "dlq", "list", "--json")
     assert listed.returncode == 0
     assert {d["code"] for d in __import__("json").loads(listed.stdout)} == {
-        "inference_failed", "invalid_input"}
+        "inference_failed",
+        "invalid_input",
+    }
     shown = _inferq("--data-dir", str(tmp_path), "dlq", "show", entry)
     assert shown.returncode == 0 and "job-1" in shown.stdout
     # redrive of an id that is not in the DLQ
