@@ -62,11 +62,13 @@ def test_prometheus_scrapes_api_and_worker(
             assert names and all(n.startswith("inferq_") for n in names), names
 
         config = tmp_path / "prometheus.yml"
+        jobs = {"api": api_port, "worker": metrics_port}
         config.write_text(
-            "global: {scrape_interval: 1s}\n"
-            "scrape_configs:\n"
-            f"  - job_name: api\n    static_configs: [{{targets: ['127.0.0.1:{api_port}']}}]\n"
-            f"  - job_name: worker\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+            "global: {scrape_interval: 1s}\nscrape_configs:\n"
+            + "".join(
+                f"  - job_name: {job}\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n"
+                for job, port in jobs.items()
+            )
         )
         with open(tmp_path / "prometheus.log", "wb") as log:
             prom = subprocess.Popen(
