@@ -45,3 +45,22 @@ def test_prometheus_scrapes_api_and_worker() -> None:
         t for job in doc["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
     }
     assert targets == {"api:8000", "worker:9400"}
+
+
+def test_keda_examples_parse_and_match_the_api() -> None:
+    from schemas.jobs import AutoscaleResource
+
+    k8s = ROOT / "infra" / "k8s"
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in k8s.glob("*.yaml")}
+    deployment = docs["worker-deployment.yaml"]["metadata"]["name"]
+    kinds = {}
+    for name, doc in docs.items():
+        if doc["kind"] == "ScaledObject":
+            assert doc["spec"]["scaleTargetRef"]["name"] == deployment, name
+            [trigger] = doc["spec"]["triggers"]
+            kinds[trigger["type"]] = trigger["metadata"]
+    assert set(kinds) == {"kafka", "aws-sqs-queue", "metrics-api"}
+    assert kinds["kafka"]["consumerGroup"] == "inferq-workers"
+    assert kinds["kafka"]["topic"] == "inferq.jobs"
+    assert kinds["metrics-api"]["url"].endswith("/v1/autoscale")
+    assert kinds["metrics-api"]["valueLocation"] in AutoscaleResource.model_fields
