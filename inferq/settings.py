@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     worker_fetch_max_records: int = Field(default=512, ge=1)
     worker_lease_s: float = Field(default=300.0, gt=0)
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
     inference_threads: int = Field(default=0, ge=0)  # 0: let ONNX Runtime decide
     execution_providers: str | None = None  # e.g. "CPUExecutionProvider"; None: auto
 

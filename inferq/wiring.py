@@ -164,6 +164,8 @@ async def run_worker(
             worker_id=wid,
             fetch_max_records=settings.worker_fetch_max_records,
             lease_s=settings.worker_lease_s,
+            heartbeat_interval_s=settings.worker_heartbeat_s,
+            depth_interval_s=settings.worker_heartbeat_s,
         ),
         depth=depth,
         retry=retry_policy(settings),

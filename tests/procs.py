@@ -77,9 +77,9 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def api(self) -> tuple[subprocess.Popen[bytes], str]:
+    def api(self, **extra: str) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
-        proc = self.spawn(["api", "--port", str(port)], "api")
+        proc = self.spawn(["api", "--port", str(port)], "api", **extra)
         url = f"http://127.0.0.1:{port}"
 
         def up() -> bool:
