@@ -56,6 +56,7 @@ class ApiConfig:
     publish_timeout_s: float = 10.0
     backlog_cache_s: float = 0.25
     asyncapi: dict[str, Any] | None = None
+    structured_events: bool = False  # publish structured CloudEvents (SQS) instead of binary
 
 
 @dataclass
@@ -123,6 +124,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         deps.config.topic,
         attempts=deps.config.publish_attempts,
         timeout_s=deps.config.publish_timeout_s,
+        structured=deps.config.structured_events,
     )
     state = _State(deps, publisher, metrics, _Backlog(deps.store, deps.config.backlog_cache_s))
 

@@ -256,7 +256,9 @@ class SqsConsumer:
         except BaseException:
             self._client.close()
             raise
-        self._heartbeat = asyncio.create_task(self._extend_loop(), name=f"sqs-heartbeat-{self.source}")
+        self._heartbeat = asyncio.create_task(
+            self._extend_loop(), name=f"sqs-heartbeat-{self.source}"
+        )
 
     async def stop(self) -> None:
         task, self._heartbeat = self._heartbeat, None
@@ -379,7 +381,11 @@ class SqsConsumer:
                     )
                     self._held.pop(held.handle, None)
                 else:
-                    log.info("delete from %r failed (%s); retrying next commit", self.source, failed.get("Code"))
+                    log.info(
+                        "delete from %r failed (%s); retrying next commit",
+                        self.source,
+                        failed.get("Code"),
+                    )
 
     async def nack(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         """Hand a message back: it becomes visible again after ``delay_s`` (backoff)."""
@@ -387,7 +393,7 @@ class SqsConsumer:
         held = self._held.pop(delivery.token, None)
         if held is None:
             return
-        delay = max(0, min(int(math.ceil(delay_s)), 12 * 3600))
+        delay = max(0, min(math.ceil(delay_s), 12 * 3600))
         try:
             await self._client.call(
                 "change_message_visibility",
@@ -505,7 +511,9 @@ async def ensure_queues(config: SqsConfig, queue: str) -> tuple[str, str]:
         await client.call("set_queue_attributes", QueueUrl=url, Attributes=attributes)
         return url, dlq_url
     except (ClientError, BotoCoreError) as exc:
-        raise TransportError(f"cannot create SQS queues {queue!r}, {dlq_name(queue)!r}: {exc}") from exc
+        raise TransportError(
+            f"cannot create SQS queues {queue!r}, {dlq_name(queue)!r}: {exc}"
+        ) from exc
     finally:
         client.close()
 

@@ -27,7 +27,9 @@ KEY_ATTRIBUTE = "inferq-key"
 PACKED_ATTRIBUTE = "inferq-headers"
 ENCODING_ATTRIBUTE = "inferq-body-encoding"
 _RESERVED = {KEY_ATTRIBUTE, PACKED_ATTRIBUTE, ENCODING_ATTRIBUTE}
-_NAME = re.compile(r"^(?!aws\.|amazon\.)(?!.*\.\.)[A-Za-z0-9_\-](?:[A-Za-z0-9_\-.]{0,254}[A-Za-z0-9_\-])?$", re.I)
+_NAME = re.compile(
+    r"^(?!aws\.|amazon\.)(?!.*\.\.)[A-Za-z0-9_\-](?:[A-Za-z0-9_\-.]{0,254}[A-Za-z0-9_\-])?$", re.I
+)
 # characters SQS accepts in a body or a String value (XML 1.0 characters)
 _TEXT = re.compile(r"^[\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]+$")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -27,7 +28,7 @@ from schemas.contracts import ContractViolation, ModelConfig, resolve_version, v
 from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
 from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
-from transports.base import Consumer, Delivery, DepthProbe
+from transports.base import Consumer, Delivery, DepthProbe, Redelivering
 from workers.adapters import LoadedModel
 from workers.batcher import Batch, MicroBatcher
 from workers.metrics import WorkerMetrics
@@ -44,6 +45,12 @@ class WorkerConfig:
     heartbeat_interval_s: float = 5.0
     depth_interval_s: float = 5.0
     max_pending_writes: int = 2
+    # Transports that count receives and can hand a message back (SQS): a retryable failure
+    # is retried with backoff until the ``max_deliveries``-th receive, which is final; a
+    # message received more often than that (no redrive policy) is dead-lettered unrun.
+    max_deliveries: int | None = None
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 300.0
 
 
 @dataclass
@@ -150,6 +157,14 @@ class Worker:
                 await self._poison(delivery, exc.code, exc.message, job_id=exc.job_id, exc=exc)
                 continue
             job_id = envelope.id
+            limit = self.config.max_deliveries
+            if limit is not None and delivery.receive_count > limit:
+                msg = (
+                    f"received {delivery.receive_count} times, more than the {limit} allowed, "
+                    "without an outcome"
+                )
+                await self._poison(delivery, ErrorCode.ATTEMPTS_EXHAUSTED, msg, envelope=envelope)
+                continue
             if job_id in seen or job_id in self._in_flight:
                 # the same event twice: the first copy's outcome stands for both
                 self.metrics.skipped.labels("duplicate").inc()
@@ -278,10 +293,19 @@ class Worker:
         self, model: LoadedModel, items: list[WorkItem], outcomes: list[Outcome]
     ) -> None:
         try:
-            await self._store_outcomes(outcomes)
+            retry = [
+                self._retry_delay(item, outcome)
+                for item, outcome in zip(items, outcomes, strict=True)
+            ]
+            final = [o for o, delay in zip(outcomes, retry, strict=True) if delay is None]
+            if final:
+                await self._store_outcomes(final)
             name = model.config.name
             now = datetime.now(UTC)
-            for item, outcome in zip(items, outcomes, strict=True):
+            for item, outcome, delay in zip(items, outcomes, retry, strict=True):
+                if delay is not None:
+                    await self._retry_later(item, delay)
+                    continue
                 self.metrics.jobs.labels(name, outcome.status.value).inc()
                 self.metrics.end_to_end.labels(name).observe(
                     (now - item.record.created_at).total_seconds()
@@ -297,6 +321,32 @@ class Worker:
             await self._commit()
         finally:
             self._writes.release()
+
+    def _retry_delay(self, item: WorkItem, outcome: Outcome) -> float | None:
+        """Backoff before the next attempt, or None when this outcome is final."""
+        limit = self.config.max_deliveries
+        if (
+            outcome.status is not JobStatus.FAILED
+            or not outcome.retryable
+            or limit is None
+            or item.delivery.receive_count >= limit
+            or not isinstance(self.consumer, Redelivering)
+        ):
+            return None
+        base = self.config.retry_backoff_s * 2 ** (item.delivery.receive_count - 1)
+        return random.uniform(0.5, 1.0) * min(base, self.config.retry_backoff_max_s)
+
+    async def _retry_later(self, item: WorkItem, delay_s: float) -> None:
+        assert isinstance(self.consumer, Redelivering)
+        log.info(
+            "job %s failed retryably (receive %d); retrying in %.1fs",
+            item.record.id,
+            item.delivery.receive_count,
+            delay_s,
+        )
+        self.metrics.skipped.labels("retry").inc()
+        await self.consumer.nack(item.delivery, delay_s)
+        self._in_flight.discard(item.record.id)
 
     async def _store_outcomes(self, outcomes: list[Outcome]) -> None:
         delay = 0.05
@@ -386,7 +436,7 @@ def _outcome(item: WorkItem, result: dict[str, Any] | Exception) -> Outcome:
             attempt=item.record.attempts,
             status=JobStatus.FAILED,
             error_code=ErrorCode.INFERENCE_FAILED.value,
-            error_message=f"{type(result).__name__}: {result}"[:1000],
+            error_message=_failure_message(item, result),
             retryable=bool(getattr(result, "retryable", False)),
         )
     return Outcome(
@@ -395,6 +445,13 @@ def _outcome(item: WorkItem, result: dict[str, Any] | Exception) -> Outcome:
         status=JobStatus.SUCCEEDED,
         result=result,
     )
+
+
+def _failure_message(item: WorkItem, error: Exception) -> str:
+    message = f"{type(error).__name__}: {error}"[:1000]
+    if item.record.attempts > 1:
+        message += f" (gave up after {item.record.attempts} attempts)"
+    return message
 
 
 def _inference_letter(item: WorkItem, outcome: Outcome) -> DeadLetter:
