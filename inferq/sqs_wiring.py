@@ -1,10 +1,12 @@
-"""The SQS side of the composition root: SqsConfig from Settings, and queue checks on start."""
+"""The AWS side of the composition root: SqsConfig and the S3 claim-check from Settings,
+and queue checks on start."""
 
 from __future__ import annotations
 
 import asyncio
 
 from inferq.settings import Settings
+from transports.blobs import ClaimCheck, S3Blobs
 from transports.sqs import QueueNotFound, SqsConfig, SqsDepth, ensure_queues
 
 
@@ -37,3 +39,19 @@ async def prepare_queues(settings: Settings, *, create: bool | None = None) -> N
 
 def prepare_queues_sync(settings: Settings) -> None:
     asyncio.run(prepare_queues(settings))
+
+
+def claim_check(settings: Settings) -> ClaimCheck | None:
+    """The S3 claim-check, when a bucket to write to or buckets to read from are configured."""
+    if not settings.allowed_buckets:
+        return None
+    return ClaimCheck(
+        blobs=S3Blobs(endpoint_url=settings.aws_endpoint_url),
+        bucket=settings.s3_bucket,
+        prefix=settings.s3_prefix,
+        allowed_buckets=settings.allowed_buckets,
+        inline_input_max_bytes=settings.inline_input_max_bytes,
+        inline_result_max_bytes=settings.inline_result_max_bytes,
+        input_url_max_bytes=settings.input_url_max_bytes,
+        presign_ttl_s=settings.s3_presign_ttl_s,
+    )

@@ -88,7 +88,10 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
     cached = repo.configs()
     if not cached:
         log.warning("no models in %s: run `inferq models build`", repo.root)
+    from inferq.sqs_wiring import claim_check
+
     deps = ApiDeps(
+        claim_check=claim_check(settings),
         store=store,
         publisher=publisher,
         models=lambda: cached,
@@ -131,7 +134,10 @@ async def run_worker(
     wid = worker_id(settings)
     consumer, publisher, depth, dlq = await _worker_bus(settings, wid)
     await publisher.start()
+    from inferq.sqs_wiring import claim_check
+
     worker = Worker(
+        claim_check=claim_check(settings),
         consumer=consumer,
         store=store,
         models=models,

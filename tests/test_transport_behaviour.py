@@ -21,10 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import pytest
 import pytest_asyncio
-
-import boto3
 from aiokafka import AIOKafkaProducer
 
 from tests.fixtures_servers import (
@@ -119,7 +118,7 @@ def transport_backend(
 async def transport(
     transport_backend: tuple[str, KafkaConfig | SqsConfig | None], request: pytest.FixtureRequest
 ) -> AsyncIterator[TransportKit]:
-    name, config = transport_backend
+    _name, config = transport_backend
     cleanup: list[str] = []
     if isinstance(config, SqsConfig):
         kit = await _sqs_kit(config, unique_queue_name(request), cleanup)

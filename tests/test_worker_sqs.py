@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from dlq.router import DeadLetterRouter, reason_from_headers
 from jobstore.store import JobStore
-from schemas.contracts import ModelConfig, TensorInput
+from schemas.contracts import ModelConfig
 from schemas.jobs import JobStatus
 from transports.base import Delivery
 from transports.sqs import SqsConfig, SqsConsumer, SqsPublisher, dlq_name

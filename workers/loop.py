@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
 from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
 from transports.base import Consumer, Delivery, DepthProbe, Redelivering
+from transports.blobs import BlobError, BlobNotFound, BlobTooLarge, ClaimCheck
 from workers.adapters import LoadedModel
 from workers.batcher import Batch, MicroBatcher
 from workers.metrics import WorkerMetrics
@@ -81,7 +82,9 @@ class Worker:
         config: WorkerConfig,
         depth: DepthProbe | None = None,
         executor: Executor | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
+        self.claim_check = claim_check
         self.consumer = consumer
         self.store = store
         self.models = dict(models)
@@ -179,8 +182,11 @@ class Worker:
                 msg = f"{field} {request.version if known else request.model!r} is not served"
                 await self._poison(delivery, code, msg, envelope=envelope)
                 continue
+            raw = await self._input_of(delivery, envelope)
+            if raw is None:
+                continue
             try:
-                payload = validate_input(config.adapter, request.input)
+                payload = validate_input(config.adapter, raw)
             except ContractViolation as exc:
                 await self._poison(
                     delivery, ErrorCode.INVALID_INPUT, exc.message, envelope=envelope, exc=exc
@@ -208,6 +214,33 @@ class Worker:
             self._batchers[a.config.key].put(WorkItem(record, a.payload, a.delivery, now))
         self.metrics.in_flight.set(len(self._in_flight))
         await self._commit()
+
+    async def _input_of(self, delivery: Delivery, envelope: JobEnvelope) -> dict[str, Any] | None:
+        """The job's input, read from S3 for an ``input_url``; None once dead-lettered."""
+        request = envelope.data
+        if request.input is not None:
+            return request.input
+        url = request.input_url or ""
+        cc = self.claim_check
+        code: ErrorCode
+        error: Exception
+        if cc is None or not cc.allows(url):
+            code, msg = ErrorCode.INPUT_NOT_ALLOWED, f"input_url {url} is not in an allowed bucket"
+            await self._poison(delivery, code, msg, envelope=envelope)
+            return None
+        try:
+            return await cc.load_input(url)
+        except BlobNotFound as exc:
+            code, msg, error = ErrorCode.INPUT_NOT_FOUND, str(exc), exc
+        except BlobTooLarge as exc:
+            code, msg, error = ErrorCode.INPUT_TOO_LARGE, str(exc), exc
+        except ValueError as exc:
+            code, msg, error = ErrorCode.INVALID_INPUT, f"input_url {url}: {exc}", exc
+        except BlobError as exc:  # S3 unreachable: not the message's fault, try again later
+            log.warning("cannot read %s, leaving it for redelivery: %s", url, exc)
+            return None
+        await self._poison(delivery, code, msg, envelope=envelope, exc=error)
+        return None
 
     def _ensure_and_claim(self, new_jobs: list[NewJob], ids: list[str]) -> Any:
         self.store.ensure(new_jobs)
@@ -297,6 +330,7 @@ class Worker:
                 self._retry_delay(item, outcome)
                 for item, outcome in zip(items, outcomes, strict=True)
             ]
+            outcomes = [await self._offload(o) for o in outcomes]
             final = [o for o, delay in zip(outcomes, retry, strict=True) if delay is None]
             if final:
                 await self._store_outcomes(final)
@@ -321,6 +355,17 @@ class Worker:
             await self._commit()
         finally:
             self._writes.release()
+
+    async def _offload(self, outcome: Outcome) -> Outcome:
+        """A result over the inline limit goes to S3; the row keeps a reference to it."""
+        if self.claim_check is None or outcome.result is None:
+            return outcome
+        try:
+            result = await self.claim_check.offload_result(outcome.job_id, outcome.result)
+        except BlobError as exc:
+            log.warning("result of %s stays inline: %s", outcome.job_id, exc)
+            return outcome
+        return replace(outcome, result=result)
 
     def _retry_delay(self, item: WorkItem, outcome: Outcome) -> float | None:
         """Backoff before the next attempt, or None when this outcome is final."""
@@ -408,7 +453,7 @@ def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
         id=envelope.id,
         model=request.model,
         version=config.version if config else request.version,
-        input=request.input,
+        input=request.input if request.input is not None else {"$input_url": request.input_url},
         priority=request.priority,
         expires_at=expires,
         metadata=request.metadata,
