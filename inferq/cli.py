@@ -46,6 +46,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             kafka_port=args.kafka_port,
             workers=args.workers,
             transport=transport,
+            aws_port=args.aws_port,
             build_models=not args.no_build,
         ),
     )
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8000)
     dev.add_argument("--kafka-port", type=int, default=19092)
     dev.add_argument("--workers", type=int, default=1)
+    dev.add_argument("--aws-port", type=int, default=15000, help="local moto_server (sqs)")
     dev.add_argument("--transport", choices=["kafka", "sqs"], default=None)
     dev.add_argument("--no-build", action="store_true", help="don't build missing models")
     dev.set_defaults(func=cmd_dev)
