@@ -37,13 +37,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_dev(args: argparse.Namespace) -> int:
     from inferq.dev import DevOptions, run_dev
 
+    settings = _settings(args)
+    transport = args.transport or ("sqs" if settings.transport == "sqs" else "kafka")
     return run_dev(
-        _settings(args),
+        settings,
         DevOptions(
             port=args.port,
             kafka_port=args.kafka_port,
             workers=args.workers,
-            transport=args.transport,
+            transport=transport,
+            aws_port=args.aws_port,
             build_models=not args.no_build,
         ),
     )
@@ -87,9 +90,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_worker(settings, stop, registry)
 
+    from transports.base import TransportError
+
     try:
         asyncio.run(main())
-    except ConfigError as exc:
+    except (ConfigError, TransportError) as exc:
         print(f"inferq worker: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -144,6 +149,23 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queues_create(args: argparse.Namespace) -> int:
+    from inferq.sqs_wiring import prepare_queues
+    from transports.base import TransportError
+
+    settings = _settings(args)
+    try:
+        asyncio.run(prepare_queues(settings, create=True))
+    except TransportError as exc:
+        print(f"inferq queues create: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"queues ready: {settings.sqs_queue_name}, {settings.sqs_dlq} "
+        f"(maxReceiveCount {settings.sqs_max_receive_count})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
     parser.add_argument("--data-dir", help="data directory (INFERQ_DATA_DIR)")
@@ -154,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8000)
     dev.add_argument("--kafka-port", type=int, default=19092)
     dev.add_argument("--workers", type=int, default=1)
-    dev.add_argument("--transport", choices=["kafka"], default="kafka")
+    dev.add_argument("--aws-port", type=int, default=15000, help="local moto_server (sqs)")
+    dev.add_argument("--transport", choices=["kafka", "sqs"], default=None)
     dev.add_argument("--no-build", action="store_true", help="don't build missing models")
     dev.set_defaults(func=cmd_dev)
 
@@ -179,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     tsub.add_parser("create", help="create the jobs and dead-letter topics").set_defaults(
         func=cmd_topics_create
     )
+
+    queues = sub.add_parser("queues", help="SQS queues")
+    qsub = queues.add_subparsers(dest="queues_command", required=True)
+    qsub.add_parser(
+        "create", help="create the jobs queue and its dead-letter queue (with RedrivePolicy)"
+    ).set_defaults(func=cmd_queues_create)
+
     from inferq import dlq_cli
 
     dlq_cli.add_parser(sub)
@@ -197,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    for noisy in ("aiokafka", "botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "dlq":
         args.func = cmd_dlq
     try:

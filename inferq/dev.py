@@ -27,6 +27,7 @@ class DevOptions:
     workers: int = 1
     transport: str = "kafka"
     build_models: bool = True
+    aws_port: int = 15000  # the local moto_server, when AWS_ENDPOINT_URL is not set
 
 
 @dataclass
@@ -95,6 +96,11 @@ def run_dev(settings: Settings, options: DevOptions) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if not _ensure_models(settings, options.build_models):
         return 2
+
+    if options.transport == "sqs":
+        from inferq.dev_sqs import run_dev_sqs
+
+        return run_dev_sqs(settings, options)
 
     broker: EmbeddedKafka | None = None
     bootstrap = settings.kafka_bootstrap

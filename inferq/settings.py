@@ -5,20 +5,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
 
-    transport: Literal["kafka", "memory"] = "kafka"
+    transport: Literal["kafka", "sqs", "memory"] = "kafka"
     data_dir: Path = Path(".inferq")
 
     kafka_bootstrap: str | None = None
     kafka_topic: str = "inferq.jobs"
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_group: str = "inferq-workers"
+
+    # SQS (boto3 reads region and credentials itself; the endpoint is read here, once)
+    sqs_queue: str = "inferq-jobs"
+    sqs_fifo: bool = False
+    sqs_create_queues: bool = True  # create the queue and its DLQ on start when missing
+    sqs_max_receive_count: int = Field(default=5, ge=1, le=1000)
+    sqs_visibility_timeout_s: int = Field(default=60, ge=1, le=43_200)
+    sqs_wait_time_s: int = Field(default=5, ge=0, le=20)
+    aws_endpoint_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL", "INFERQ_AWS_ENDPOINT_URL")
+    )
+    # S3 claim-check for large inputs and results
+    s3_bucket: str | None = None  # unset: no offloading; input_url still needs an allowed bucket
+    s3_prefix: str = "inferq/"
+    s3_allowed_buckets: str | None = None  # comma-separated buckets input_url may name
+    inline_input_max_bytes: int = Field(default=64 * 1024, ge=0)
+    inline_result_max_bytes: int = Field(default=64 * 1024, ge=0)
+    input_url_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    s3_presign_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
 
     database_url: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -66,6 +85,27 @@ class Settings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         return f"{self.kafka_topic}.dlq"
+
+    @property
+    def sqs_queue_name(self) -> str:
+        """The jobs queue: ``sqs_queue``, with ``.fifo`` added when ``sqs_fifo``."""
+        from transports.sqs import queue_name
+
+        return queue_name(self.sqs_queue, fifo=self.sqs_fifo)
+
+    @property
+    def sqs_dlq(self) -> str:
+        from transports.sqs import dlq_name
+
+        return dlq_name(self.sqs_queue_name)
+
+    @property
+    def allowed_buckets(self) -> frozenset[str]:
+        """Buckets an ``input_url`` may name: the configured list plus our own bucket."""
+        names = {b.strip() for b in (self.s3_allowed_buckets or "").split(",") if b.strip()}
+        if self.s3_bucket:
+            names.add(self.s3_bucket)
+        return frozenset(names)
 
     @property
     def provider_preference(self) -> tuple[str, ...] | None:

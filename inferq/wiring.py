@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,7 @@ from producers.app import ApiConfig, ApiDeps, create_app
 from producers.asyncapi import asyncapi_document
 from producers.autoscale import AutoscalePolicy
 from schemas.contracts import ModelConfig
+from transports.base import Consumer, DepthProbe, Publisher, QueueDepth, TransportError
 from transports.kafka import KafkaConfig, KafkaConsumer, KafkaDepth, KafkaPublisher, ensure_topics
 from workers.adapters import LoadedModel, load_model
 from workers.loop import Worker, WorkerConfig
@@ -63,39 +65,66 @@ def model_configs(settings: Settings) -> list[ModelConfig]:
     return ModelRepository(settings.resolved_model_repository).configs()
 
 
+def _api_bus(
+    settings: Settings,
+) -> tuple[Publisher, str, dict[str, Any] | None, DepthProbe]:
+    """(publisher, destination, AsyncAPI document, depth probe) for the transport."""
+    if settings.transport == "sqs":
+        from inferq.sqs_wiring import QueueSetupError, prepare_queues_sync, sqs_config
+        from transports.sqs import SqsPublisher
+
+        try:
+            prepare_queues_sync(settings)
+        except (QueueSetupError, TransportError) as exc:
+            raise ConfigError(str(exc)) from exc
+        from transports.sqs import SqsDepth
+
+        sqs = sqs_config(settings)
+        queue = settings.sqs_queue_name
+        return SqsPublisher(sqs), queue, None, SqsDepth(sqs, queue)
+    config = kafka_config(settings, client_id="inferq-api")
+    doc = asyncapi_document(
+        settings.kafka_bootstrap or "",
+        settings.kafka_topic,
+        settings.dlq_topic,
+        settings.kafka_group,
+    )
+    depth = KafkaDepth(config, settings.kafka_topic, settings.kafka_group)
+    return KafkaPublisher(config), settings.kafka_topic, doc, depth
+
+
 def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
     store = open_store(settings)
-    config = kafka_config(settings, client_id="inferq-api")
+    publisher, destination, doc, depth = _api_bus(settings)
     repo = ModelRepository(settings.resolved_model_repository)
     cached = repo.configs()
     if not cached:
         log.warning("no models in %s: run `inferq models build`", repo.root)
+    from inferq.sqs_wiring import claim_check
+
     deps = ApiDeps(
+        claim_check=claim_check(settings),
         store=store,
-        publisher=KafkaPublisher(config),
+        publisher=publisher,
         models=lambda: cached,
         config=ApiConfig(
-            topic=settings.kafka_topic,
+            topic=destination,
+            structured_events=settings.transport == "sqs",
             max_backlog=settings.max_backlog,
             max_backlog_per_model=settings.max_backlog_per_model,
             max_body_bytes=settings.max_body_bytes,
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
-            asyncapi=asyncapi_document(
-                settings.kafka_bootstrap or "",
-                settings.kafka_topic,
-                settings.dlq_topic,
-                settings.kafka_group,
-            ),
+            asyncapi=doc,
         ),
         registry=registry or CollectorRegistry(),
-        depth=KafkaDepth(config, settings.kafka_topic, settings.kafka_group),
+        depth=depth,
         autoscale=autoscale_policy(settings),
     )
     app = create_app(deps)
     letters = DeadLetterStore(store.engine)
     letters.create_schema()
-    redriver = Redriver(letters, deps.publisher, settings.kafka_topic, store.requeue_failed)
+    redriver = Redriver(letters, deps.publisher, destination, store.requeue_failed)
     app.include_router(make_router(letters, redriver))
     return app
 
@@ -142,23 +171,18 @@ async def run_worker(
     for (name, version), model in models.items():
         log.info("model %s/%s on %s", name, version, model.provider)
     wid = worker_id(settings)
-    # a stable, configured worker id makes the worker a static group member
-    config = kafka_config(
-        settings, client_id=f"inferq-worker-{wid}", group_instance_id=settings.worker_id
-    )
-    await ensure_topics(
-        config, {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
-    )
-    publisher = KafkaPublisher(config)
+    consumer, publisher, depth, dlq = await _worker_bus(settings, wid)
     await publisher.start()
-    depth = KafkaDepth(config, settings.kafka_topic, settings.kafka_group)
     letters = DeadLetterStore(store.engine)
     letters.create_schema()
+    from inferq.sqs_wiring import claim_check
+
     worker = Worker(
-        consumer=KafkaConsumer(config, settings.kafka_topic, settings.kafka_group),
+        claim_check=claim_check(settings),
+        consumer=consumer,
         store=store,
         models=models,
-        dead_letters=DeadLetterRouter(publisher, settings.dlq_topic, record=letters.add),
+        dead_letters=DeadLetterRouter(publisher, dlq, record=letters.add),
         metrics=WorkerMetrics(registry or CollectorRegistry()),
         config=WorkerConfig(
             worker_id=wid,
@@ -166,10 +190,16 @@ async def run_worker(
             lease_s=settings.worker_lease_s,
             heartbeat_interval_s=settings.worker_heartbeat_s,
             depth_interval_s=settings.worker_heartbeat_s,
+            # SQS: long polls, and a final attempt before the redrive policy would take over
+            fetch_timeout_s=settings.sqs_wait_time_s if settings.transport == "sqs" else 0.1,
+            max_deliveries=settings.sqs_max_receive_count if settings.transport == "sqs" else None,
         ),
         depth=depth,
         retry=retry_policy(settings),
-        retry_pump=RetryPump(store, publisher, settings.kafka_topic),
+        # SQS retries with the visibility timeout (nack); Kafka through the store's pump
+        retry_pump=None
+        if settings.transport == "sqs"
+        else RetryPump(store, publisher, settings.kafka_topic),
     )
     try:
         await depth.start()
@@ -179,6 +209,39 @@ async def run_worker(
         await publisher.stop()
         store.close()
     return worker
+
+
+class _Startable(Protocol):
+    async def depth(self) -> QueueDepth: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def _worker_bus(settings: Settings, wid: str) -> tuple[Consumer, Publisher, _Startable, str]:
+    """(consumer, dead-letter publisher, depth probe, dead-letter destination)."""
+    if settings.transport == "sqs":
+        from inferq.sqs_wiring import QueueSetupError, prepare_queues, sqs_config
+        from transports.sqs import SqsConsumer, SqsDepth, SqsPublisher
+
+        try:
+            await prepare_queues(settings)
+        except (QueueSetupError, TransportError) as exc:
+            raise ConfigError(str(exc)) from exc
+        sqs = sqs_config(settings)
+        queue = settings.sqs_queue_name
+        return SqsConsumer(sqs, queue), SqsPublisher(sqs), SqsDepth(sqs, queue), settings.sqs_dlq
+    # a stable, configured worker id makes the worker a static group member
+    config = kafka_config(
+        settings, client_id=f"inferq-worker-{wid}", group_instance_id=settings.worker_id
+    )
+    await ensure_topics(
+        config, {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
+    )
+    depth = KafkaDepth(config, settings.kafka_topic, settings.kafka_group)
+    consumer = KafkaConsumer(config, settings.kafka_topic, settings.kafka_group)
+    return consumer, KafkaPublisher(config), depth, settings.dlq_topic
 
 
 def default_models_dir(settings: Settings) -> Path:

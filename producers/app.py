@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from jobstore.errors import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
-from jobstore.records import NewJob
+from jobstore.records import JobRecord, NewJob
 from jobstore.store import JobStore
 from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
@@ -50,7 +50,8 @@ from schemas.jobs import (
     ModelInfo,
     ModelList,
 )
-from transports.base import DepthProbe, Publisher
+from transports.base import DepthProbe, Publisher, TransportError
+from transports.blobs import ClaimCheck
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_WAIT_S = 60.0
@@ -67,6 +68,7 @@ class ApiConfig:
     publish_timeout_s: float = 10.0
     backlog_cache_s: float = 0.25
     asyncapi: dict[str, Any] | None = None
+    structured_events: bool = False  # publish structured CloudEvents (SQS) instead of binary
 
 
 @dataclass
@@ -79,6 +81,7 @@ class ApiDeps:
     manage_publisher: bool = True  # start/stop it with the app
     depth: DepthProbe | None = None  # bus lag, for admission and autoscaling
     autoscale: AutoscalePolicy = field(default_factory=AutoscalePolicy)
+    claim_check: ClaimCheck | None = None  # S3 for large inputs and results; None: inline only
 
 
 @dataclass
@@ -118,6 +121,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         deps.config.topic,
         attempts=deps.config.publish_attempts,
         timeout_s=deps.config.publish_timeout_s,
+        structured=deps.config.structured_events,
     )
     monitor = BacklogMonitor(
         deps.store,
@@ -191,10 +195,21 @@ def _routes(app: FastAPI) -> None:
                 "Idempotency-Key",
             )
         config = _resolve(st, body)
-        try:
-            validate_input(config.adapter, body.input)
-        except ContractViolation as exc:
-            raise _reject(st, 422, ErrorCode.INVALID_INPUT, exc.message, exc.field) from exc
+        if body.input is not None:
+            try:
+                validate_input(config.adapter, body.input)
+            except ContractViolation as exc:
+                raise _reject(st, 422, ErrorCode.INVALID_INPUT, exc.message, exc.field) from exc
+        elif body.input_url is not None:
+            cc = st.deps.claim_check
+            if cc is None or not cc.allows(body.input_url):
+                raise _reject(
+                    st,
+                    422,
+                    ErrorCode.INPUT_NOT_ALLOWED,
+                    "input_url names a bucket this service may not read",
+                    "input_url",
+                )
 
         await _admit(st, config.name)
 
@@ -215,11 +230,13 @@ def _routes(app: FastAPI) -> None:
             response.headers["Location"] = f"/v1/jobs/{record.id}"
             return record.to_resource()
 
-        envelope = new_envelope(record.id, body, st.deps.config.source)
         retries_before = st.publisher.retries
         try:
+            envelope = new_envelope(
+                record.id, await _offloaded(st, record.id, body), st.deps.config.source
+            )
             await st.publisher.publish(envelope)
-        except PublishUnavailable as exc:
+        except (PublishUnavailable, TransportError) as exc:
             await asyncio.to_thread(
                 st.deps.store.abandon_unpublished,
                 record.id,
@@ -267,7 +284,7 @@ def _routes(app: FastAPI) -> None:
             interval = min(interval * 1.5, 0.05)
         if record is None:
             raise _not_found(job_id)
-        return record.to_resource()
+        return await _resource(st, record)
 
     @app.get("/v1/jobs", response_model=JobPage, responses=_ERRORS, tags=["jobs"])
     async def list_jobs(
@@ -285,7 +302,7 @@ def _routes(app: FastAPI) -> None:
             raise ApiError(
                 400, ErrorCode.INVALID_CURSOR, "cursor is malformed or expired", field="cursor"
             ) from exc
-        return JobPage(data=[r.to_resource() for r in records], next_cursor=next_cursor)
+        return JobPage(data=[await _resource(st, r) for r in records], next_cursor=next_cursor)
 
     @app.post(
         "/v1/jobs/{job_id}/cancel", response_model=JobResource, responses=_ERRORS, tags=["jobs"]
@@ -427,6 +444,27 @@ def _reject(
     return ApiError(status, code, message, field=field, headers=headers, details=details)
 
 
+async def _offloaded(st: _State, job_id: str, body: JobRequest) -> JobRequest:
+    """The request as it travels: an input over the inline limit replaced by its S3 URL."""
+    cc = st.deps.claim_check
+    if cc is None or body.input is None:
+        return body
+    url = await cc.offload_input(job_id, body.input)
+    if url is None:
+        return body
+    return body.model_copy(update={"input": None, "input_url": url})
+
+
+async def _resource(st: _State, record: JobRecord) -> JobResource:
+    resource = record.to_resource()
+    cc = st.deps.claim_check
+    if cc is not None and record.result is not None:
+        url = await cc.result_url(record.result)
+        if url is not None:
+            resource = resource.model_copy(update={"result": None, "result_url": url})
+    return resource
+
+
 def _not_found(job_id: str) -> ApiError:
     return ApiError(404, ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}", field="id")
 
@@ -471,7 +509,7 @@ def _new_job(body: JobRequest, config: ModelConfig, key: str | None, source: str
         id=new_job_id(),
         model=config.name,
         version=config.version,
-        input=body.input,
+        input=body.input if body.input is not None else {"$input_url": body.input_url},
         priority=body.priority,
         expires_at=now + timedelta(seconds=body.ttl_s) if body.ttl_s else None,
         metadata=body.metadata,

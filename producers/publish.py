@@ -14,7 +14,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from schemas.envelope import JobEnvelope
+from schemas.envelope import STRUCTURED_CONTENT_TYPE, JobEnvelope
 from transports.base import Publisher, TransportError
 
 log = logging.getLogger(__name__)
@@ -26,17 +26,27 @@ class PublishUnavailable(Exception):
 
 class JobPublisher:
     def __init__(
-        self, publisher: Publisher, topic: str, *, attempts: int = 4, timeout_s: float = 10.0
+        self,
+        publisher: Publisher,
+        topic: str,
+        *,
+        attempts: int = 4,
+        timeout_s: float = 10.0,
+        structured: bool = False,
     ) -> None:
         self.publisher = publisher
+        self.structured = structured
         self.topic = topic
         self.attempts = attempts
         self.timeout_s = timeout_s
         self.retries = 0
 
     async def publish(self, envelope: JobEnvelope) -> None:
-        # binary mode: the data travels as the value, the attributes as ce_* headers
-        headers, value = envelope.to_binary()
+        if self.structured:  # SQS: the whole event as the body
+            headers: list[tuple[str, bytes]] = [("content-type", STRUCTURED_CONTENT_TYPE.encode())]
+            value = envelope.to_structured()
+        else:  # Kafka binary mode: the data as the value, the attributes as ce_* headers
+            headers, value = envelope.to_binary()
         per_try = max(self.timeout_s / self.attempts, 0.5)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.timeout_s),

@@ -35,10 +35,16 @@ class ErrorCode(StrEnum):
     MALFORMED_MESSAGE = "malformed_message"
     INVALID_ENVELOPE = "invalid_envelope"
     UNSUPPORTED_EVENT_TYPE = "unsupported_event_type"
+    # claim-check (S3) inputs
+    INPUT_NOT_FOUND = "input_not_found"
+    INPUT_NOT_ALLOWED = "input_not_allowed"
+    INPUT_TOO_LARGE = "input_too_large"
+    INPUT_UNAVAILABLE = "input_unavailable"
     # execution
     INFERENCE_FAILED = "inference_failed"
     # dead letters
     DEAD_LETTER_NOT_FOUND = "dead_letter_not_found"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     # routing
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"

@@ -6,12 +6,23 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from schemas.errors import ErrorCode
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._\-]{0,63}$"
+
+S3_URL_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+$"
 
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
@@ -63,13 +74,36 @@ class JobRequest(BaseModel):
     version: ModelVersion | None = Field(
         default=None, description="A model version; the model's default when absent."
     )
-    input: dict[str, Any] = Field(description="Validated against the model's input contract.")
+    input_url: str | None = Field(
+        default=None,
+        pattern=S3_URL_PATTERN,
+        max_length=1100,
+        description="`s3://bucket/key` of a JSON object holding the input (claim-check), in an "
+        "allowed bucket; the worker reads it. Exactly one of `input` and `input_url`.",
+    )
+    input: dict[str, Any] | None = Field(
+        default=None,
+        validate_default=True,
+        description="Validated against the model's input contract. Exactly one of `input` and "
+        "`input_url`.",
+    )
     webhook: WebhookSpec | None = None
     priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9.")
     ttl_s: int | None = Field(
         default=None, ge=1, le=7 * 24 * 3600, description="A job not started by then expires."
     )
     metadata: dict[str, Any] | None = Field(default=None, description="Echoed back untouched.")
+
+    @field_validator("input", mode="after")
+    @classmethod
+    def _one_input(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        # input_url is declared first, so it is in info.data when it was valid
+        url = info.data.get("input_url")
+        if v is None and url is None:
+            raise PydanticCustomError("missing", "Field required (or give input_url)")
+        if v is not None and url is not None:
+            raise PydanticCustomError("one_input", "give input or input_url, not both")
+        return v
 
 
 class JobError(BaseModel):
@@ -88,6 +122,11 @@ class JobResource(BaseModel):
     model: str
     version: str | None
     result: dict[str, Any] | None = None
+    result_url: str | None = Field(
+        default=None,
+        description="A presigned URL of a result too large to return inline (then `result` is "
+        "null).",
+    )
     error: JobError | None = None
     attempts: int = 0
     priority: int = 5

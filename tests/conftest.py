@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures_servers",
     "tests.fixtures_models",
+    "tests.fixtures_sqs",
 ]

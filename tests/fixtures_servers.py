@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +17,8 @@ from jobstore.store import normalise_url
 from transports.base import TransportError
 from transports.broker import EmbeddedKafka, free_port
 from transports.kafka import KafkaConfig, ensure_topics
+from transports.moto_local import LocalAws
+from transports.sqs import SqsConfig, delete_queues, dlq_name, ensure_queues
 
 # --- PostgreSQL ---------------------------------------------------------------------------
 
@@ -118,3 +120,68 @@ async def topic(kafka_config: KafkaConfig, request: pytest.FixtureRequest) -> st
     name = unique_topic_name(request)
     await ensure_topics(kafka_config, {name: TOPIC_PARTITIONS})
     return name
+
+
+# --- SQS and S3 (moto_server) ---------------------------------------------------------------
+
+AWS_ENDPOINT_ENV = "INFERQ_TEST_AWS_ENDPOINT"
+_FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An SQS/S3 endpoint for the session: moto_server on a free port, stopped by its PID.
+
+    boto3 needs a region and credentials even for moto: dummy ones are set for this process
+    and its children unless the environment has its own. Fails (never skips) when moto_server
+    cannot start; deselect with -m 'not sqs' instead.
+    """
+    for name, value in _FAKE_AWS.items():
+        os.environ.setdefault(name, value)
+    configured = os.environ.get(AWS_ENDPOINT_ENV)
+    if configured:
+        yield configured
+        return
+    server = LocalAws(tmp_path_factory.mktemp("moto"), free_port())
+    try:
+        server.start()
+    except TransportError as exc:
+        pytest.fail(
+            f"moto_server could not start ({exc}); install moto[server] or set "
+            f"{AWS_ENDPOINT_ENV}, or deselect with -m 'not sqs'",
+            pytrace=False,
+        )
+    try:
+        yield server.endpoint_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sqs_config(aws_endpoint: str) -> SqsConfig:
+    # short visibility timeouts and polls: redelivery tests wait seconds, not minutes
+    return SqsConfig(
+        endpoint_url=aws_endpoint, visibility_timeout_s=5, wait_time_s=1, max_receive_count=3
+    )
+
+
+def unique_queue_name(request: pytest.FixtureRequest) -> str:
+    """A fresh queue name that still says which test made it (SQS allows [A-Za-z0-9_-])."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name).strip("-")[:50]
+    return f"t-{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest_asyncio.fixture
+async def queue(sqs_config: SqsConfig, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A queue of its own for each test, with its ``-dlq`` and a RedrivePolicy; deleted
+    afterwards so that moto's queue scans stay short."""
+    name = unique_queue_name(request)
+    await ensure_queues(sqs_config, name)
+    try:
+        yield name
+    finally:
+        await delete_queues(sqs_config, [name, dlq_name(name)])

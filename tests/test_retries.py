@@ -161,7 +161,8 @@ async def test_transient_retries_poison_dead_letters_and_good_jobs_are_not_held_
 
 async def test_exhausted_retries_go_to_the_dlq_with_attempts(rig: Rig) -> None:
     policy = RetryPolicy(max_attempts=2, base_delay_s=0.05, jitter=0)
-    await _publish(rig, "transient", 7)  # needs 3 attempts, gets 2
+    rig.model.recover_at = float("inf")  # busy for good: the retries run out
+    await _publish(rig, "transient", 7)
     await rig.run_until(policy, lambda: rig.status("transient") is JobStatus.FAILED)
     record = rig.store.get("transient")
     assert record is not None and record.attempts == 2 and record.error_retryable

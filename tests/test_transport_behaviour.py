@@ -4,6 +4,10 @@ The in-memory twin must behave like Kafka wherever the workers rely on it: a gro
 from its committed offset, commits cover only the contiguous acked prefix, lag counts what
 the group has not committed. Messages that must keep their order share a key, so that on a
 multi-partition Kafka topic they land on one partition.
+
+SQS differs where the kit says so: no consumer groups (every consumer competes for one
+queue), no order on a standard queue, and each acknowledged message is deleted on its own
+rather than as a contiguous prefix. Everything else is the same test.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import pytest
 import pytest_asyncio
+from aiokafka import AIOKafkaProducer
 
-from tests.fixtures_servers import ExternalKafka, unique_topic_name
+from tests.fixtures_servers import (
+    ExternalKafka,
+    unique_queue_name,
+    unique_topic_name,
+)
 from transports.base import Consumer, Delivery, DepthProbe, Publisher, PublishError, QueueDepth
 from transports.broker import EmbeddedKafka, free_port
 from transports.kafka import (
@@ -32,6 +42,15 @@ from transports.kafka import (
     ensure_topics,
 )
 from transports.memory import MemoryBroker, MemoryConsumer, MemoryPublisher
+from transports.sqs import (
+    SqsConfig,
+    SqsConsumer,
+    SqsDepth,
+    SqsPublisher,
+    delete_queues,
+    dlq_name,
+    ensure_queues,
+)
 
 KEY = b"one-partition"  # messages whose order a test relies on share this key
 
@@ -45,7 +64,17 @@ class TransportKit:
     _publisher: Callable[[], Publisher]
     _consumer: Callable[[str, str], Consumer]
     _depth: Callable[[str, str], DepthProbe]
+    # a plain client of the bus, not ours: what another service would publish with
+    raw_publish: Callable[[str, bytes], Awaitable[None]]
+    groups: bool = True  # consumer groups with their own positions (Kafka, memory)
+    ordered: bool = True  # one key keeps its order
+    contiguous_commits: bool = True  # False: each acked message is deleted on its own (SQS)
+    position: str = r"\d+@\d+"
     _started: list[Publisher | Consumer] = field(default_factory=list)
+
+    def order(self, items: list[bytes | None]) -> list[bytes | None]:
+        """Items as the test may compare them: in order where the transport keeps it."""
+        return list(items) if self.ordered else sorted(items, key=lambda v: v or b"")
 
     async def publisher(self) -> Publisher:
         publisher = self._publisher()
@@ -67,42 +96,107 @@ class TransportKit:
             await client.stop()
 
 
-@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
-def transport_backend(request: pytest.FixtureRequest) -> tuple[str, KafkaConfig | None]:
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("kafka", marks=pytest.mark.kafka),
+        pytest.param("sqs", marks=pytest.mark.sqs),
+    ]
+)
+def transport_backend(
+    request: pytest.FixtureRequest,
+) -> tuple[str, KafkaConfig | SqsConfig | None]:
     # resolved here, synchronously, so that memory runs never start a broker
     if request.param == "kafka":
         return "kafka", request.getfixturevalue("kafka_config")
+    if request.param == "sqs":
+        return "sqs", request.getfixturevalue("sqs_config")
     return "memory", None
 
 
 @pytest_asyncio.fixture
 async def transport(
-    transport_backend: tuple[str, KafkaConfig | None], request: pytest.FixtureRequest
+    transport_backend: tuple[str, KafkaConfig | SqsConfig | None], request: pytest.FixtureRequest
 ) -> AsyncIterator[TransportKit]:
-    name, config = transport_backend
-    topic = unique_topic_name(request)
-    if config is None:
-        broker = MemoryBroker()
-        kit = TransportKit(
-            name,
-            topic,
-            lambda: MemoryPublisher(broker),
-            lambda t, g: MemoryConsumer(broker, t, g),
-            lambda t, g: MemoryConsumer(broker, t, g),  # the twin's consumer is its probe
-        )
+    _name, config = transport_backend
+    cleanup: list[str] = []
+    if isinstance(config, SqsConfig):
+        kit = await _sqs_kit(config, unique_queue_name(request), cleanup)
+    elif isinstance(config, KafkaConfig):
+        kit = await _kafka_kit(config, unique_topic_name(request))
     else:
-        await ensure_topics(config, {topic: 3})
-        kit = TransportKit(
-            name,
-            topic,
-            lambda: KafkaPublisher(config),
-            lambda t, g: KafkaConsumer(config, t, g),
-            lambda t, g: KafkaDepth(config, t, g),
-        )
+        kit = _memory_kit(unique_topic_name(request))
     try:
         yield kit
     finally:
         await kit.close()
+        if isinstance(config, SqsConfig):
+            await delete_queues(config, cleanup)
+
+
+def _memory_kit(topic: str) -> TransportKit:
+    broker = MemoryBroker()
+
+    async def raw(destination: str, value: bytes) -> None:
+        broker.topic(destination).messages.append((None, value, {}))
+        broker.topic(destination).arrived.set()
+
+    return TransportKit(
+        "memory",
+        topic,
+        lambda: MemoryPublisher(broker),
+        lambda t, g: MemoryConsumer(broker, t, g),
+        lambda t, g: MemoryConsumer(broker, t, g),  # the twin's consumer is its probe
+        raw,
+    )
+
+
+async def _kafka_kit(config: KafkaConfig, topic: str) -> TransportKit:
+    await ensure_topics(config, {topic: 3})
+
+    async def raw(destination: str, value: bytes) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(destination, value)
+        finally:
+            await producer.stop()
+
+    return TransportKit(
+        "kafka",
+        topic,
+        lambda: KafkaPublisher(config),
+        lambda t, g: KafkaConsumer(config, t, g),
+        lambda t, g: KafkaDepth(config, t, g),
+        raw,
+    )
+
+
+async def _sqs_kit(config: SqsConfig, queue: str, cleanup: list[str]) -> TransportKit:
+    await ensure_queues(config, queue)
+    cleanup += [queue, dlq_name(queue)]
+
+    def send(destination: str, value: bytes) -> None:
+        sqs = boto3.client("sqs", endpoint_url=config.endpoint_url)
+        url = sqs.get_queue_url(QueueName=destination)["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody=value.decode())
+        sqs.close()
+
+    async def raw(destination: str, value: bytes) -> None:
+        await asyncio.to_thread(send, destination, value)
+
+    return TransportKit(
+        "sqs",
+        queue,
+        lambda: SqsPublisher(config),
+        lambda t, g: SqsConsumer(config, t, g),
+        lambda t, g: SqsDepth(config, t, g),
+        raw,
+        groups=False,
+        ordered=False,
+        contiguous_commits=False,
+        position=r"[0-9a-f-]{36}",
+    )
 
 
 def _group() -> str:
@@ -160,7 +254,7 @@ async def test_publish_then_fetch_returns_value_key_and_headers(transport: Trans
     assert delivery.key == b"job-1"
     assert dict(delivery.headers) == dict(headers)
     assert delivery.source == transport.topic
-    assert re.fullmatch(r"\d+@\d+", delivery.position)
+    assert re.fullmatch(transport.position, delivery.position)
     assert delivery.receive_count == 1
 
 
@@ -190,7 +284,7 @@ async def test_uncommitted_messages_go_to_the_next_consumer_of_the_group(
     successor = await transport.consumer(group)
     again = await drain(successor, 3)
 
-    assert values(again) == [b"a", b"b", b"c"]
+    assert transport.order(values(again)) == [b"a", b"b", b"c"]
 
 
 async def test_committed_messages_are_not_delivered_again(transport: TransportKit) -> None:
@@ -205,9 +299,10 @@ async def test_committed_messages_are_not_delivered_again(transport: TransportKi
 
     successor = await transport.consumer(group)
     assert await quiet(successor) == []
-    # the commit belongs to the group: another group still reads everything
-    other = await transport.consumer(_group())
-    assert values(await drain(other, 3)) == [b"a", b"b", b"c"]
+    if transport.groups:
+        # the commit belongs to the group: another group still reads everything
+        other = await transport.consumer(_group())
+        assert values(await drain(other, 3)) == [b"a", b"b", b"c"]
     # and what arrives after the commit goes to the group's next member
     await publisher.publish(transport.topic, b"d", key=KEY)
     assert values(await drain(successor, 1)) == [b"d"]
@@ -245,16 +340,19 @@ async def test_out_of_order_acks_commit_only_the_contiguous_prefix(
     await publish_values(publisher, transport.topic, sent)
     consumer = await transport.consumer(group)
     got = await drain(consumer, count)
-    assert values(got) == sent
+    assert transport.order(values(got)) == sent
+    got.sort(key=lambda d: d.value or b"")
     for i in acked:
         consumer.ack(got[i])
     await consumer.commit()
     await consumer.stop()
+    if not transport.contiguous_commits:  # every acked message was deleted on its own
+        redelivered = [i for i in range(count) if i not in acked]
 
     successor = await transport.consumer(group)
     again = await drain(successor, len(redelivered))
 
-    assert values(again) == [sent[i] for i in redelivered]
+    assert transport.order(values(again)) == [sent[i] for i in redelivered]
     assert await quiet(successor, 0.5) == []
 
 
@@ -290,8 +388,9 @@ async def test_depth_falls_from_backlog_to_zero_as_work_is_committed(
     depth = await eventually_depth(probe, 0)
     assert depth.backlog == 0
     assert set(depth.partitions.values()) <= {0}
-    # lag is per group: a group that never read owes all of it
-    assert (await transport.depth(_group()).depth()).backlog == 7
+    if transport.groups:
+        # lag is per group: a group that never read owes all of it
+        assert (await transport.depth(_group()).depth()).backlog == 7
 
 
 async def test_empty_fetch_returns_nothing_within_its_timeout(transport: TransportKit) -> None:
@@ -329,7 +428,21 @@ async def test_fetch_respects_max_records(transport: TransportKit) -> None:
         batch = await consumer.fetch(2, 0.25)
         assert len(batch) <= 2
         got += batch
-    assert values(got) == [f"m{i}".encode() for i in range(5)]
+    assert transport.order(values(got)) == [f"m{i}".encode() for i in range(5)]
+
+
+async def test_a_plain_client_of_the_bus_publishes_what_the_consumer_reads(
+    transport: TransportKit,
+) -> None:
+    """Direct publishing: another service's own client, none of our code on its side."""
+    consumer = await transport.consumer(_group())
+    event = b'{"specversion": "1.0", "id": "direct-1", "type": "inferq.job.requested"}'
+    await transport.raw_publish(transport.topic, event)
+
+    [delivery] = await drain(consumer, 1)
+
+    assert delivery.value == event
+    assert (delivery.key, dict(delivery.headers), delivery.receive_count) == (None, {}, 1)
 
 
 # --- Kafka only ---------------------------------------------------------------------------------

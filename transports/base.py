@@ -75,5 +75,14 @@ class Consumer(Protocol):
 
 
 @runtime_checkable
+class Redelivering(Protocol):
+    """A consumer that can hand one message back for a later attempt (SQS: visibility)."""
+
+    async def nack(self, delivery: Delivery, delay_s: float = 0.0) -> None:
+        """Redeliver ``delivery`` after ``delay_s``; it is no longer held by this consumer."""
+        ...
+
+
+@runtime_checkable
 class DepthProbe(Protocol):
     async def depth(self) -> QueueDepth: ...

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,7 +27,8 @@ from schemas.contracts import ContractViolation, ModelConfig, resolve_version, v
 from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
 from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
-from transports.base import Consumer, Delivery, DepthProbe
+from transports.base import Consumer, Delivery, DepthProbe, Redelivering
+from transports.blobs import BlobError, BlobNotFound, BlobTooLarge, ClaimCheck
 from workers.adapters import LoadedModel
 from workers.batcher import Batch, MicroBatcher
 from workers.metrics import WorkerMetrics
@@ -46,6 +47,10 @@ class WorkerConfig:
     heartbeat_interval_s: float = 5.0
     depth_interval_s: float = 5.0
     max_pending_writes: int = 2
+    # Transports that count receives and can hand a message back (SQS): a retryable failure
+    # is retried with backoff until the ``max_deliveries``-th receive, which is final; a
+    # message received more often than that (no redrive policy) is dead-lettered unrun.
+    max_deliveries: int | None = None
 
 
 @dataclass
@@ -78,7 +83,9 @@ class Worker:
         executor: Executor | None = None,
         retry: RetryPolicy | None = None,
         retry_pump: RetryPump | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
+        self.claim_check = claim_check
         self.consumer = consumer
         self.store = store
         self.models = dict(models)
@@ -159,6 +166,14 @@ class Worker:
                 await self._poison(delivery, exc.code, exc.message, job_id=exc.job_id, exc=exc)
                 continue
             job_id = envelope.id
+            limit = self.config.max_deliveries
+            if limit is not None and delivery.receive_count > limit:
+                msg = (
+                    f"received {delivery.receive_count} times, more than the {limit} allowed, "
+                    "without an outcome"
+                )
+                await self._poison(delivery, ErrorCode.ATTEMPTS_EXHAUSTED, msg, envelope=envelope)
+                continue
             if job_id in seen or job_id in self._in_flight:
                 # the same event twice: the first copy's outcome stands for both
                 self.metrics.skipped.labels("duplicate").inc()
@@ -173,8 +188,11 @@ class Worker:
                 msg = f"{field} {request.version if known else request.model!r} is not served"
                 await self._poison(delivery, code, msg, envelope=envelope)
                 continue
+            raw = await self._input_of(delivery, envelope)
+            if raw is None:
+                continue
             try:
-                payload = validate_input(config.adapter, request.input)
+                payload = validate_input(config.adapter, raw)
             except ContractViolation as exc:
                 await self._poison(
                     delivery, ErrorCode.INVALID_INPUT, exc.message, envelope=envelope, exc=exc
@@ -202,6 +220,33 @@ class Worker:
             self._batchers[a.config.key].put(WorkItem(record, a.payload, a.delivery, now))
         self.metrics.in_flight.set(len(self._in_flight))
         await self._commit()
+
+    async def _input_of(self, delivery: Delivery, envelope: JobEnvelope) -> dict[str, Any] | None:
+        """The job's input, read from S3 for an ``input_url``; None once dead-lettered."""
+        request = envelope.data
+        if request.input is not None:
+            return request.input
+        url = request.input_url or ""
+        cc = self.claim_check
+        code: ErrorCode
+        error: Exception
+        if cc is None or not cc.allows(url):
+            code, msg = ErrorCode.INPUT_NOT_ALLOWED, f"input_url {url} is not in an allowed bucket"
+            await self._poison(delivery, code, msg, envelope=envelope)
+            return None
+        try:
+            return await cc.load_input(url)
+        except BlobNotFound as exc:
+            code, msg, error = ErrorCode.INPUT_NOT_FOUND, str(exc), exc
+        except BlobTooLarge as exc:
+            code, msg, error = ErrorCode.INPUT_TOO_LARGE, str(exc), exc
+        except ValueError as exc:
+            code, msg, error = ErrorCode.INVALID_INPUT, f"input_url {url}: {exc}", exc
+        except BlobError as exc:  # S3 unreachable: not the message's fault, try again later
+            log.warning("cannot read %s, leaving it for redelivery: %s", url, exc)
+            return None
+        await self._poison(delivery, code, msg, envelope=envelope, exc=error)
+        return None
 
     def _ensure_and_claim(self, new_jobs: list[NewJob], ids: list[str]) -> Any:
         self.store.ensure(new_jobs)
@@ -287,12 +332,31 @@ class Worker:
         self, model: LoadedModel, items: list[WorkItem], outcomes: list[Outcome]
     ) -> None:
         try:
-            final, retries = self._split_retries(outcomes)
+            outcomes = [await self._offload(o) for o in outcomes]
+            final: list[Outcome] = []
+            retries: list[Reschedule] = []
+            redeliver: dict[str, float] = {}  # SQS: back on the queue after a delay
+            for item, o in zip(items, outcomes, strict=True):
+                delay = self._retry_delay(item, o)
+                if delay is None:
+                    final.append(o)
+                elif isinstance(self.consumer, Redelivering):
+                    redeliver[o.job_id] = delay
+                else:
+                    retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+                    code = o.error_code or ErrorCode.INFERENCE_FAILED.value
+                    retries.append(
+                        Reschedule(o.job_id, o.attempt, retry_at, code, o.error_message or "")
+                    )
             await self._store_outcomes(final, retries)
             name = model.config.name
             now = datetime.now(UTC)
             retrying = {r.job_id for r in retries}
             for item, outcome in zip(items, outcomes, strict=True):
+                if outcome.job_id in redeliver:
+                    self.metrics.retries.labels(name, outcome.error_code or "unknown").inc()
+                    await self._retry_later(item, redeliver[outcome.job_id])
+                    continue
                 if outcome.job_id in retrying:
                     self.metrics.retries.labels(name, outcome.error_code or "unknown").inc()
                 else:
@@ -305,34 +369,48 @@ class Worker:
                     self.metrics.dead_letters.labels(outcome.error_code or "unknown").inc()
                 self.consumer.ack(item.delivery)
                 self._in_flight.discard(item.record.id)
-            self.processed += len(items) - len(retries)
-            self.throughput.add(len(items) - len(retries))
+            finished = len(items) - len(retries) - len(redeliver)
+            self.processed += finished
+            self.throughput.add(finished)
             self._room.set()
             self.metrics.in_flight.set(len(self._in_flight))
             await self._commit()
         finally:
             self._writes.release()
 
-    def _split_retries(self, outcomes: list[Outcome]) -> tuple[list[Outcome], list[Reschedule]]:
-        final: list[Outcome] = []
-        retries: list[Reschedule] = []
-        for o in outcomes:
-            code = o.error_code or ErrorCode.INFERENCE_FAILED.value
-            if o.status is JobStatus.FAILED and self.retry.should_retry(
-                code, o.retryable, o.attempt
-            ):
-                retries.append(
-                    Reschedule(
-                        o.job_id,
-                        o.attempt,
-                        self.retry.retry_at(o.attempt),
-                        code,
-                        o.error_message or "",
-                    )
-                )
-            else:
-                final.append(o)
-        return final, retries
+    async def _offload(self, outcome: Outcome) -> Outcome:
+        """A result over the inline limit goes to S3; the row keeps a reference to it."""
+        if self.claim_check is None or outcome.result is None:
+            return outcome
+        try:
+            result = await self.claim_check.offload_result(outcome.job_id, outcome.result)
+        except BlobError as exc:
+            log.warning("result of %s stays inline: %s", outcome.job_id, exc)
+            return outcome
+        return replace(outcome, result=result)
+
+    def _retry_delay(self, item: WorkItem, outcome: Outcome) -> float | None:
+        """Backoff before the next attempt, or None when this outcome is final."""
+        if outcome.status is not JobStatus.FAILED:
+            return None
+        code = outcome.error_code or ErrorCode.INFERENCE_FAILED.value
+        if not self.retry.should_retry(code, outcome.retryable, outcome.attempt):
+            return None
+        limit = self.config.max_deliveries
+        if limit is not None and item.delivery.receive_count >= limit:
+            return None  # the queue's redrive policy would take it next: finish it here
+        return self.retry.delay_s(outcome.attempt)
+
+    async def _retry_later(self, item: WorkItem, delay_s: float) -> None:
+        assert isinstance(self.consumer, Redelivering)
+        log.info(
+            "job %s failed retryably (receive %d); retrying in %.1fs",
+            item.record.id,
+            item.delivery.receive_count,
+            delay_s,
+        )
+        await self.consumer.nack(item.delivery, delay_s)
+        self._in_flight.discard(item.record.id)
 
     async def _store_outcomes(self, outcomes: list[Outcome], retries: list[Reschedule]) -> None:
         delay = 0.05
@@ -397,7 +475,7 @@ def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
         id=envelope.id,
         model=request.model,
         version=config.version if config else request.version,
-        input=request.input,
+        input=request.input if request.input is not None else {"$input_url": request.input_url},
         priority=request.priority,
         expires_at=expires,
         metadata=request.metadata,
@@ -425,7 +503,7 @@ def _outcome(item: WorkItem, result: dict[str, Any] | Exception) -> Outcome:
             attempt=item.record.attempts,
             status=JobStatus.FAILED,
             error_code=ErrorCode.INFERENCE_FAILED.value,
-            error_message=f"{type(result).__name__}: {result}"[:1000],
+            error_message=_failure_message(item, result),
             retryable=bool(getattr(result, "retryable", False)),
         )
     return Outcome(
@@ -434,6 +512,13 @@ def _outcome(item: WorkItem, result: dict[str, Any] | Exception) -> Outcome:
         status=JobStatus.SUCCEEDED,
         result=result,
     )
+
+
+def _failure_message(item: WorkItem, error: Exception) -> str:
+    message = f"{type(error).__name__}: {error}"[:1000]
+    if item.record.attempts > 1:
+        message += f" (gave up after {item.record.attempts} attempts)"
+    return message
 
 
 def _inference_letter(item: WorkItem, outcome: Outcome) -> DeadLetter:

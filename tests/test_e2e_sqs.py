@@ -1,0 +1,174 @@
+"""End to end over SQS (moto_server), with the API and workers as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from jobstore.store import JobStore
+from schemas.jobs import JobStatus
+from tests.procs import Stack, free_port, port_open, wait_for
+from transports.sqs import SqsConfig
+
+pytestmark = pytest.mark.sqs
+
+
+class SqsStack(Stack):
+    """A Stack whose processes use SQS: the queue is ``topic``, the endpoint ``bootstrap``."""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = super().env()
+        env.update(
+            {
+                "INFERQ_TRANSPORT": "sqs",
+                "AWS_ENDPOINT_URL": self.bootstrap,
+                "INFERQ_SQS_QUEUE": self.topic,
+                "INFERQ_SQS_VISIBILITY_TIMEOUT_S": "3",
+                "INFERQ_SQS_WAIT_TIME_S": "1",
+                "INFERQ_SQS_MAX_RECEIVE_COUNT": "4",
+            }
+        )
+        env.update(extra)
+        return env
+
+
+@pytest.fixture
+def stack(tmp_path: Path, sqs_config: SqsConfig, queue: str, model_repo: Path) -> Iterator[Stack]:
+    assert sqs_config.endpoint_url is not None
+    s = SqsStack(tmp_path, sqs_config.endpoint_url, queue, model_repo)
+    yield s
+    s.stop_all()
+
+
+def _send(endpoint: str, queue: str, bodies: list[str]) -> None:
+    sqs = boto3.client("sqs", endpoint_url=endpoint)
+    try:
+        url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+        for i in range(0, len(bodies), 10):
+            entries = [{"Id": str(j), "MessageBody": b} for j, b in enumerate(bodies[i : i + 10])]
+            sqs.send_message_batch(QueueUrl=url, Entries=entries)
+    finally:
+        sqs.close()
+
+
+def _event(job_id: str, data: dict) -> str:
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": job_id,
+            "source": "//billing",
+            "type": "inferq.job.requested",
+            "data": data,
+        }
+    )
+
+
+def test_http_and_direct_boto3_jobs_run_over_sqs(stack: Stack) -> None:
+    _, url = stack.api()
+    stack.worker()
+    _send(
+        stack.bootstrap,
+        stack.topic,
+        [
+            _event("svc-1", {"model": "minilm", "input": {"text": "straight onto the queue"}}),
+            "\x01 not json",
+        ],
+    )
+    with httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/jobs", json={"model": "identity", "input": {"tensor": [3.5]}})
+        assert r.status_code == 202, r.text
+        job = client.get(r.headers["location"], params={"wait": 30}).json()
+        assert job["status"] == "succeeded", stack.log("worker")
+        assert job["result"] == {"tensor": [3.5]}
+        direct = client.get("/v1/jobs/svc-1", params={"wait": 30}).json()
+        assert direct["status"] == "succeeded", stack.log("worker")
+        assert len(direct["result"]["embedding"]) == 384 and direct["source"] == "//billing"
+
+
+def test_a_missing_queue_stops_api_and_worker_with_its_name(stack: Stack) -> None:
+    env = {"INFERQ_SQS_QUEUE": "no-such-queue", "INFERQ_SQS_CREATE_QUEUES": "false"}
+    for role in (["api", "--port", "0"], ["worker"]):
+        proc = stack.spawn(role, f"missing-{role[0]}", **env)
+        assert proc.wait(60) == 2
+        out = stack.log(f"missing-{role[0]}")
+        assert "'no-such-queue' does not exist" in out and "Traceback" not in out
+
+
+def _count(store: JobStore, ids: list[str], status: JobStatus) -> int:
+    return sum(1 for r in store.get_many(ids).values() if r.status is status)
+
+
+@pytest.mark.slow
+def test_kill_9_worker_mid_batch_messages_reappear_and_run_once(stack: Stack) -> None:
+    ids = [f"k9-{i}" for i in range(120)]
+    texts = [f"sentence number {i} for the crash test" for i in range(len(ids))]
+    _send(
+        stack.bootstrap,
+        stack.topic,
+        [
+            _event(i, {"model": "minilm", "input": {"text": t}})
+            for i, t in zip(ids, texts, strict=True)
+        ],
+    )
+    store = JobStore(f"sqlite:///{stack.data_dir / 'jobs.db'}")
+    store.create_schema()
+    first = stack.worker("worker-1")
+    wait_for(lambda: _count(store, ids, JobStatus.SUCCEEDED) >= 10, 90, "progress", 0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert _count(store, ids, JobStatus.SUCCEEDED) < len(ids), "finished before the kill"
+    stack.worker("worker-2")
+    wait_for(
+        lambda: _count(store, ids, JobStatus.SUCCEEDED) == len(ids), 150, "all jobs after restart"
+    )
+    records = store.get_many(ids)
+    assert all(r.status is JobStatus.SUCCEEDED and r.result for r in records.values())
+    assert any(r.attempts >= 2 for r in records.values()), "nothing was in flight at the kill"
+    store.close()
+
+
+@pytest.mark.slow
+def test_dev_on_sqs_starts_a_local_endpoint_and_ctrl_c_stops_everything(
+    tmp_path: Path, model_repo: Path
+) -> None:
+    api_port, aws_port, metrics_port = free_port(), free_port(), free_port()
+    env = dict(
+        os.environ,
+        INFERQ_MODEL_REPOSITORY=str(model_repo),
+        INFERQ_WORKER_METRICS_PORT=str(metrics_port),
+        INFERQ_INFERENCE_THREADS="1",
+        INFERQ_SQS_WAIT_TIME_S="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("AWS_ENDPOINT_URL", None)
+    args = ["--data-dir", str(tmp_path / "data"), "dev", "--transport", "sqs", "--no-build"]
+    args += ["--port", str(api_port), "--aws-port", str(aws_port)]
+    with open(tmp_path / "dev.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inferq", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "ready" in (tmp_path / "dev.log").read_text(), 90, "inferq dev")
+        url = f"http://127.0.0.1:{api_port}"
+        r = httpx.post(f"{url}/v1/jobs", json={"model": "identity", "input": {"tensor": [2]}})
+        assert r.status_code == 202, r.text
+        job = httpx.get(f"{url}{r.headers['location']}", params={"wait": 30}, timeout=40).json()
+        assert job["status"] == "succeeded", (tmp_path / "dev.log").read_text()
+        assert port_open(aws_port)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(40) == 0
+        for port in (api_port, aws_port, metrics_port):
+            assert not port_open(port), f"port {port} still listening after Ctrl-C"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
