@@ -16,6 +16,7 @@ from schemas.contracts import ModelConfig, TensorInput, TextEmbeddingInput
 from schemas.envelope import JobEnvelope
 from schemas.errors import ErrorResponse
 from schemas.jobs import JobPage, JobRequest, JobResource, ModelList
+from schemas.webhooks import WebhookDeliveryList, WebhookPayload
 
 EXPORTED: dict[str, type[BaseModel]] = {
     "job-request": JobRequest,
@@ -27,6 +28,8 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "model-config": ModelConfig,
     "input-text-embedding": TextEmbeddingInput,
     "input-identity": TensorInput,
+    "webhook-payload": WebhookPayload,
+    "webhook-delivery-list": WebhookDeliveryList,
 }
 
 JSON_DIR = Path(__file__).parent / "json"
