@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from dlq.router import DeadLetterRouter
+from inferq.control import url_guard
 from inferq.settings import Settings
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
@@ -83,6 +84,7 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
             ),
         ),
         registry=registry or CollectorRegistry(),
+        webhook_guard=url_guard(settings),
     )
     return create_app(deps)
 

@@ -239,6 +239,12 @@ class WebhookOutbox:
             claim_token=row["claim_token"],
         )
 
+    def created_at(self, delivery_id: str) -> datetime | None:
+        d = DELIVERIES.c
+        with self._engine.begin() as conn:
+            value: datetime | None = conn.scalar(select(d.created_at).where(d.id == delivery_id))
+        return value
+
     def endpoint_disabled(self, url: str) -> bool:
         with self._engine.begin() as conn:
             return conn.scalar(select(DISABLED.c.url).where(DISABLED.c.url == url)) is not None

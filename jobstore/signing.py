@@ -55,7 +55,7 @@ def decode_secret(value: str) -> bytes:
     raw = value.strip()
     raw = raw.removeprefix(SECRET_PREFIX)
     try:
-        key = base64.b64decode(raw, validate=True)
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise SecretError("a webhook secret is 'whsec_' followed by base64") from exc
     if len(key) < 16:

@@ -30,6 +30,8 @@ from producers.errors import ApiError, install_handlers
 from producers.limits import BodySizeLimit
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
+from producers.ssrf import UrlGuard
+from producers.webhook_routes import check_webhook_url, webhook_router
 from schemas.contracts import (
     ADAPTER_INPUTS,
     ContractViolation,
@@ -66,6 +68,7 @@ class ApiDeps:
     config: ApiConfig
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     manage_publisher: bool = True  # start/stop it with the app
+    webhook_guard: UrlGuard = field(default_factory=UrlGuard)  # SSRF: no private targets
 
 
 class _Backlog:
@@ -157,6 +160,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         return response
 
     _routes(app)
+    app.include_router(webhook_router())
     return app
 
 
@@ -187,6 +191,8 @@ def _routes(app: FastAPI) -> None:
             validate_input(config.adapter, body.input)
         except ContractViolation as exc:
             raise _reject(st, 422, ErrorCode.INVALID_INPUT, exc.message, exc.field) from exc
+        if body.webhook is not None:
+            await check_webhook_url(st.deps.webhook_guard, str(body.webhook.url), st.metrics.rejected)
 
         backlog = await st.backlog.current()
         st.metrics.backlog.set(backlog)
