@@ -89,6 +89,7 @@ def control_config(
         job_max_attempts=settings.job_max_attempts,
         republish=kafka_republish(settings),
         beat_schedule_path=settings.data_dir / "celerybeat-schedule",
+        queue=settings.control_queue,
         registry=registry or CollectorRegistry(),
     )
 

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     webhook_lease_s: float = Field(default=60.0, gt=0)
     webhook_dispatch_interval_s: float = Field(default=0.5, gt=0)
     control_concurrency: int = Field(default=8, ge=1)
+    control_queue: str = "inferq-control"
     control_metrics_port: int = 9500  # 0: no metrics endpoint
     sweep_interval_s: float = Field(default=30.0, gt=0)
     result_retention_s: float = Field(default=7 * 86400.0, gt=0)
