@@ -121,7 +121,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     argv = worker_argv(
         concurrency=args.concurrency or settings.control_concurrency,
         beat=not args.no_beat,
-        loglevel="DEBUG" if args.verbose else "INFO",
+        loglevel="INFO" if args.verbose else "WARNING",  # INFO logs every beat tick
         extra=["--hostname", f"inferq-control-{os.getpid()}@%h"],
     )
     app.worker_main(argv)

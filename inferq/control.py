@@ -103,7 +103,9 @@ def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
     import redis
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         try:
             return bool(client.ping())
         finally:

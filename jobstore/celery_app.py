@@ -123,7 +123,7 @@ def make_celery(config: ControlConfig, *, name: str = "inferq-control") -> Celer
         app.conf.beat_schedule_filename = str(config.beat_schedule_path)
     runtime = ControlRuntime(config)
     tasks.register(app, runtime)
-    app.inferq_runtime = runtime  # type: ignore[attr-defined]
+    app.inferq_runtime = runtime
     return app
 
 
@@ -144,7 +144,7 @@ def _beat_schedule(config: ControlConfig) -> dict[str, dict[str, object]]:
     }
 
 
-class tasks_names:  # noqa: N801 - a namespace of constants
+class tasks_names:
     DISPATCH = "inferq.webhooks.dispatch"
     DELIVER = "inferq.webhooks.deliver"
     SWEEP = "inferq.sweeps.run"

@@ -139,7 +139,9 @@ class Deliverer:
             log.info("webhook %s to %s: %s (%s)", row.id, row.url, label, error or status_code)
         return outcome
 
-    def _post(self, msg_id: str, url: str, body: bytes) -> tuple[int | None, float | None, str | None]:
+    def _post(
+        self, msg_id: str, url: str, body: bytes
+    ) -> tuple[int | None, float | None, str | None]:
         headers = {
             **self.signer_keys().headers(msg_id, int(time.time()), body),
             "content-type": "application/json",

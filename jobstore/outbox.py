@@ -363,9 +363,7 @@ class WebhookOutbox:
             log: dict[str, list[WebhookAttempt]] = {i: [] for i in ids}
             if ids:
                 for att in conn.execute(
-                    select(ATTEMPTS)
-                    .where(a.delivery_id.in_(ids))
-                    .order_by(a.attempted_at, a.id)
+                    select(ATTEMPTS).where(a.delivery_id.in_(ids)).order_by(a.attempted_at, a.id)
                 ).mappings():
                     log[att["delivery_id"]].append(
                         WebhookAttempt(

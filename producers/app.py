@@ -192,7 +192,9 @@ def _routes(app: FastAPI) -> None:
         except ContractViolation as exc:
             raise _reject(st, 422, ErrorCode.INVALID_INPUT, exc.message, exc.field) from exc
         if body.webhook is not None:
-            await check_webhook_url(st.deps.webhook_guard, str(body.webhook.url), st.metrics.rejected)
+            await check_webhook_url(
+                st.deps.webhook_guard, str(body.webhook.url), st.metrics.rejected
+            )
 
         backlog = await st.backlog.current()
         st.metrics.backlog.set(backlog)

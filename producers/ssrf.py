@@ -63,9 +63,7 @@ class UrlGuard:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 hosts.add(entry.lower().rstrip("."))
-        return cls(
-            frozenset(hosts), tuple(networks), max_length, resolver or system_resolver
-        )
+        return cls(frozenset(hosts), tuple(networks), max_length, resolver or system_resolver)
 
     def check(self, url: str) -> list[str]:
         """Raise WebhookUrlError unless ``url`` may be called; return the addresses it has."""

@@ -49,9 +49,7 @@ def _outbox(store: JobStore) -> WebhookOutbox:
 def webhook_router() -> APIRouter:
     router = APIRouter(tags=["webhooks"])
 
-    @router.get(
-        "/v1/jobs/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=_ERRORS
-    )
+    @router.get("/v1/jobs/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=_ERRORS)
     async def list_deliveries(job_id: str, request: Request) -> WebhookDeliveryList:
         store = _store(request)
         if await asyncio.to_thread(store.get, job_id) is None:
@@ -68,7 +66,7 @@ def webhook_router() -> APIRouter:
     async def replay(
         job_id: str,
         request: Request,
-        event: list[WebhookEvent] | None = Query(default=None),  # noqa: B008
+        event: list[WebhookEvent] | None = Query(default=None),
     ) -> WebhookDeliveryList:
         """Send the job's webhooks again, with the same `webhook-id`s and bodies."""
         store = _store(request)

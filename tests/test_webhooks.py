@@ -33,7 +33,7 @@ from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
 from schemas.webhooks import DeliveryStatus, WebhookPayload
 from tests.test_api import Api
-from tests.test_api import api as api  # noqa: F401 - the fixture
+from tests.test_api import api as api
 from tests.webhook_receiver import Receiver, closed_port
 
 SECRET = generate_secret()
@@ -56,7 +56,9 @@ def _job(job_id: str, url: str = "https://example.com/hook", events: list[str] |
     webhook: dict = {"url": url}
     if events is not None:
         webhook["events"] = events
-    return NewJob(id=job_id, model="identity", version="1", input={"tensor": [1.0]}, webhook=webhook)
+    return NewJob(
+        id=job_id, model="identity", version="1", input={"tensor": [1.0]}, webhook=webhook
+    )
 
 
 def _finish(store: JobStore, job_id: str, status: JobStatus = JobStatus.SUCCEEDED) -> None:
@@ -258,7 +260,7 @@ def test_dns_rebinding_is_caught_at_each_check() -> None:
     ],
 )
 async def test_bad_webhooks_are_refused_at_submit(
-    api: Api,  # noqa: F811
+    api: Api,
     webhook: dict,
     code: str,
     field: str | None,
@@ -271,7 +273,7 @@ async def test_bad_webhooks_are_refused_at_submit(
     assert api.published() == []
 
 
-async def test_delivery_log_and_replay_routes(api: Api) -> None:  # noqa: F811
+async def test_delivery_log_and_replay_routes(api: Api) -> None:
     r = await api.submit(
         {"model": "minilm", "input": {"text": "x"}, "webhook": {"url": "https://93.184.216.34/h"}}
     )
@@ -456,7 +458,55 @@ def test_helpers() -> None:
     assert RetryPolicy(schedule=(0, 5)).next_delay(2) is None
     delay = RetryPolicy(schedule=(0, 100), jitter=0.1).next_delay(1)
     assert delay is not None and 90 <= delay <= 110
-    assert json.loads(WebhookPayload(type="job.failed", timestamp=utcnow(), data={  # type: ignore[arg-type]
-        "id": "x", "status": "failed", "model": "m", "version": None, "created_at": utcnow()
-    }).model_dump_json())["type"] == "job.failed"
+    assert (
+        json.loads(
+            WebhookPayload(
+                type="job.failed",
+                timestamp=utcnow(),
+                data={  # type: ignore[arg-type]
+                    "id": "x",
+                    "status": "failed",
+                    "model": "m",
+                    "version": None,
+                    "created_at": utcnow(),
+                },
+            ).model_dump_json()
+        )["type"]
+        == "job.failed"
+    )
     assert httpx  # imported for the fixtures' clients
+
+
+# --- sweeps -----------------------------------------------------------------------------
+
+
+def test_stale_running_jobs_are_republished_then_requeued(store: JobStore) -> None:
+    from jobstore import sweeps
+    from schemas.envelope import decode_message
+
+    store.create(_job("s", events=["job.failed"]))
+    store.claim(["s"], worker_id="dead", lease_s=0.01)
+    published: list = []
+    later = utcnow() + timedelta(seconds=1)
+    requeued, failed = sweeps.requeue_stale(store, published.extend, max_attempts=3, now=later)
+    assert (requeued, failed) == (1, 0)
+    assert store.get("s").status == JobStatus.QUEUED  # type: ignore[union-attr]
+    (envelope,) = published
+    headers, value = envelope.to_binary()
+    again = decode_message(dict(headers), value)
+    assert again.id == "s" and again.data.model == "identity"
+    # the worker takes it again (attempt 2); a sweep during a live lease does nothing
+    store.claim(["s"], worker_id="w", lease_s=60)
+    assert sweeps.requeue_stale(store, published.extend, max_attempts=3) == (0, 0)
+
+
+def test_purge_removes_old_finished_jobs_and_their_webhooks(store: JobStore) -> None:
+    from jobstore import sweeps
+
+    store.create(_job("old"))
+    _finish(store, "old")
+    store.create(_job("running"))
+    store.claim(["running"], worker_id="w", lease_s=60)
+    assert sweeps.purge_finished(store, 3600, now=utcnow() + timedelta(hours=2)) == 1
+    assert store.get("old") is None and _outbox(store).for_job("old") == []
+    assert store.get("running") is not None

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -74,11 +73,11 @@ class Control:
         self.store.create_schema()
         self.outbox = WebhookOutbox(self.store.engine, writer=self.store.writer)
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *extra: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"control-{len(self.procs)}.log", "ab")  # noqa: SIM115
         with log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "inferq", "control", "--concurrency", "8"],
+                [sys.executable, "-m", "inferq", "control", "--concurrency", "8", *extra],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -120,7 +119,10 @@ class Control:
             )
             claimed = self.store.claim(chunk, worker_id="test", lease_s=60).claimed
             self.store.complete(
-                [Outcome(r.id, r.attempts, JobStatus.SUCCEEDED, result={"ok": True}) for r in claimed]
+                [
+                    Outcome(r.id, r.attempts, JobStatus.SUCCEEDED, result={"ok": True})
+                    for r in claimed
+                ]
             )
         return ids
 
@@ -252,3 +254,18 @@ def test_a_thousand_jobs_a_thousand_verified_deliveries(control: Control, hook: 
     ids = control.finish_jobs(hook.url, 1000)
     _all_delivered(control, hook, ids, 300)
     _one_id_per_job(hook, ids)
+
+
+@pytest.mark.slow
+def test_local_broker_fallback_without_redis(tmp_path: Path, secret: str, hook: Receiver) -> None:
+    """No Redis: `inferq control --local-broker-fallback` says so and delivers anyway."""
+    c = Control(tmp_path, "redis://127.0.0.1:1/0", secret)
+    try:
+        c.start("--local-broker-fallback")
+        ids = c.finish_jobs(hook.url, 5)
+        _all_delivered(c, hook, ids, 90)
+        _one_id_per_job(hook, ids)
+        text = "".join(p.read_text() for p in tmp_path.glob("control-*.log"))
+        assert "sqla+sqlite" in text and "not reachable" in text
+    finally:
+        c.stop()

@@ -111,7 +111,9 @@ class Receiver:
                     return
                 self._answer(200, b"ok")
 
-            def _answer(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            def _answer(
+                self, code: int, body: bytes, headers: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(code)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -138,8 +140,6 @@ class Receiver:
             for r in self.received:
                 out.setdefault(r.job_id, set()).add(r.msg_id)
             return out
-
-
 
 
 @contextmanager
