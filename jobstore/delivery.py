@@ -96,7 +96,7 @@ class Deliverer:
         row = self.outbox.get(claim.id)
         if row is None or row.status != DeliveryStatus.DELIVERING or row.claim_token != claim.token:
             return None
-        if self.outbox.endpoint_disabled(row.url):
+        if row.endpoint_disabled:
             self.outbox.skip(claim, "endpoint disabled after 410 Gone")
             self.metrics.deliveries.labels("disabled").inc()
             return DeliveryStatus.DISABLED
@@ -132,9 +132,7 @@ class Deliverer:
         label = {DeliveryStatus.PENDING: "retry"}.get(outcome, outcome.value)
         self.metrics.deliveries.labels(label).inc()
         if outcome == DeliveryStatus.DELIVERED:
-            created = self.outbox.created_at(claim.id)
-            if created is not None:
-                self.metrics.lag.observe((utcnow() - created).total_seconds())
+            self.metrics.lag.observe((utcnow() - row.created_at).total_seconds())
         else:
             log.info("webhook %s to %s: %s (%s)", row.id, row.url, label, error or status_code)
         return outcome

@@ -172,6 +172,8 @@ class DeliveryRecord:
     status: DeliveryStatus
     attempts: int
     claim_token: str | None
+    created_at: datetime
+    endpoint_disabled: bool = False  # the URL answered 410 Gone before
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,15 @@ class WebhookOutbox:
 
     def get(self, delivery_id: str) -> DeliveryRecord | None:
         d = DELIVERIES.c
+        gone = select(DISABLED.c.url).where(DISABLED.c.url == d.url).exists()
         with self._engine.begin() as conn:
-            row = conn.execute(select(DELIVERIES).where(d.id == delivery_id)).mappings().first()
+            row = (
+                conn.execute(
+                    select(DELIVERIES, gone.label("endpoint_disabled")).where(d.id == delivery_id)
+                )
+                .mappings()
+                .first()
+            )
         if row is None:
             return None
         return DeliveryRecord(
@@ -237,6 +246,8 @@ class WebhookOutbox:
             status=DeliveryStatus(row["status"]),
             attempts=int(row["attempts"]),
             claim_token=row["claim_token"],
+            created_at=row["created_at"],
+            endpoint_disabled=bool(row["endpoint_disabled"]),
         )
 
     def created_at(self, delivery_id: str) -> datetime | None:
