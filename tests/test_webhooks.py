@@ -34,18 +34,11 @@ from schemas.jobs import JobStatus
 from schemas.webhooks import DeliveryStatus, WebhookPayload
 from tests.test_api import Api
 from tests.test_api import api as api
+from tests.test_jobstore import store as store
 from tests.webhook_receiver import Receiver, closed_port
 
 SECRET = generate_secret()
 LOOPBACK = UrlGuard.from_allowlist(["127.0.0.1"])
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    s.create_schema()
-    yield s
-    s.close()
 
 
 def _outbox(store: JobStore) -> WebhookOutbox:
