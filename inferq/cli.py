@@ -116,7 +116,10 @@ def cmd_control(args: argparse.Namespace) -> int:
     log.info("control plane broker: %s", broker)
     registry = CollectorRegistry()
     if settings.control_metrics_port:
-        start_http_server(settings.control_metrics_port, addr="127.0.0.1", registry=registry)
+        try:
+            start_http_server(settings.control_metrics_port, addr="127.0.0.1", registry=registry)
+        except OSError as exc:  # a busy port must not stop webhook delivery
+            log.warning("no metrics on port %d: %s", settings.control_metrics_port, exc)
     app = make_celery(control_config(settings, broker_url=broker, registry=registry))
     argv = worker_argv(
         concurrency=args.concurrency or settings.control_concurrency,
