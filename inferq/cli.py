@@ -1,10 +1,11 @@
-"""`inferq` command line: dev, api, worker, models, topics."""
+"""`inferq` command line: dev, api, worker, control, models, topics."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -100,6 +101,41 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from inferq.control import control_config, local_broker_url, redis_reachable
+    from jobstore.celery_app import make_celery, worker_argv
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    broker = settings.redis_url
+    if args.local_broker_fallback and not redis_reachable(broker):
+        broker = local_broker_url(settings)
+        print(
+            f"inferq control: Redis at {settings.redis_url} is not reachable; "
+            f"using the server-less broker {broker}",
+            file=sys.stderr,
+            flush=True,
+        )
+    log.info("control plane broker: %s", broker)
+    registry = CollectorRegistry()
+    if settings.control_metrics_port:
+        try:
+            start_http_server(settings.control_metrics_port, addr="127.0.0.1", registry=registry)
+        except OSError as exc:  # a busy port must not stop webhook delivery
+            log.warning("no metrics on port %d: %s", settings.control_metrics_port, exc)
+    app = make_celery(control_config(settings, broker_url=broker, registry=registry))
+    argv = worker_argv(
+        concurrency=args.concurrency or settings.control_concurrency,
+        beat=not args.no_beat,
+        loglevel="INFO" if args.verbose else "WARNING",  # INFO logs every beat tick
+        extra=["--hostname", f"inferq-control-{os.getpid()}@%h"],
+    )
+    app.worker_main(argv)
+    return 0
+
+
 def cmd_models_build(args: argparse.Namespace) -> int:
     from workers.export import ExportError, build_all
 
@@ -188,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run one worker against external servers")
     worker.set_defaults(func=cmd_worker)
+
+    control = sub.add_parser(
+        "control", help="run the Celery control plane: webhook delivery and sweeps (with beat)"
+    )
+    control.add_argument("--concurrency", type=int, help="delivery threads")
+    control.add_argument("--no-beat", action="store_true", help="don't embed the beat")
+    control.add_argument(
+        "--local-broker-fallback",
+        action="store_true",
+        help="use a server-less broker in the data dir when Redis is unreachable (dev)",
+    )
+    control.set_defaults(func=cmd_control)
 
     models = sub.add_parser("models", help="the model repository")
     msub = models.add_subparsers(dest="models_command", required=True)

@@ -90,6 +90,18 @@ def _stop(children: list[Child], timeout_s: float = 15.0) -> None:
             child.process.wait()
 
 
+def control_broker(settings: Settings) -> str:
+    """Redis when it answers, else a broker that needs no server; says which."""
+    from inferq.control import local_broker_url, redis_reachable
+
+    if redis_reachable(settings.redis_url):
+        _say(f"control plane (Celery) broker: Redis at {settings.redis_url}")
+        return settings.redis_url
+    url = local_broker_url(settings)
+    _say(f"Redis at {settings.redis_url} is not reachable; control plane broker: {url}")
+    return url
+
+
 def run_dev(settings: Settings, options: DevOptions) -> int:
     from transports.broker import EmbeddedKafka
 
@@ -161,6 +173,7 @@ def run_dev(settings: Settings, options: DevOptions) -> int:
                 {"INFERQ_WORKER_METRICS_PORT": str(port), "INFERQ_WORKER_ID": f"dev-worker-{i}"},
             )
         spawn("api", ["api", "--port", str(options.port)], {})
+        spawn("control", ["control"], {"INFERQ_REDIS_URL": control_broker(settings)})
 
         api = f"http://127.0.0.1:{options.port}"
         if not _wait_http(f"{api}/healthz", 60, children):

@@ -69,6 +69,25 @@ class Settings(BaseSettings):
     inference_threads: int = Field(default=0, ge=0)  # 0: let ONNX Runtime decide
     execution_providers: str | None = None  # e.g. "CPUExecutionProvider"; None: auto
 
+    # --- webhooks and the Celery control plane (issue 4) ---
+    webhook_secret: str | None = None  # whsec_...; comma-separated during a rotation
+    webhook_allowed_hosts: str = ""  # hosts or CIDRs the SSRF guard lets through
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"  # seconds
+    webhook_retry_jitter: float = Field(default=0.1, ge=0, le=1)
+    webhook_connect_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_read_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_total_timeout_s: float = Field(default=30.0, gt=0)
+    webhook_max_url_length: int = Field(default=2048, ge=16)
+    webhook_max_response_bytes: int = Field(default=65536, ge=0)
+    webhook_lease_s: float = Field(default=60.0, gt=0)
+    webhook_dispatch_interval_s: float = Field(default=0.5, gt=0)
+    control_concurrency: int = Field(default=8, ge=1)
+    control_queue: str = "inferq-control"
+    control_metrics_port: int = 9500  # 0: no metrics endpoint
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    result_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    job_max_attempts: int = Field(default=5, ge=1)  # lapsed leases before a job fails
+
     @field_validator("data_dir", mode="after")
     @classmethod
     def _absolute(cls, v: Path) -> Path:

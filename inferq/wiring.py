@@ -17,6 +17,7 @@ from dlq.http import make_router
 from dlq.redrive import Redriver
 from dlq.router import DeadLetterRouter
 from dlq.store import DeadLetterStore
+from inferq.control import url_guard
 from inferq.settings import Settings
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
@@ -120,6 +121,7 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
         registry=registry or CollectorRegistry(),
         depth=depth,
         autoscale=autoscale_policy(settings),
+        webhook_guard=url_guard(settings),
     )
     app = create_app(deps)
     letters = DeadLetterStore(store.engine)

@@ -51,6 +51,7 @@ from jobstore.errors import (
     JobStoreError,
     StoreUnavailable,
 )
+from jobstore.outbox import ATTEMPTS, DELIVERIES, enqueue_job_events
 from jobstore.records import (
     ClaimResult,
     JobRecord,
@@ -133,6 +134,11 @@ class JobStore:
     def engine(self) -> Engine:
         """The underlying engine, for neighbours that share the database (the outbox)."""
         return self._engine
+
+    @property
+    def writer(self) -> Engine:
+        """The engine for read-then-write transactions (SQLite: BEGIN IMMEDIATE)."""
+        return self._writer
 
     def create_schema(self) -> None:
         """Create the missing tables and indexes; safe to call from every process at start."""
@@ -293,7 +299,7 @@ class JobStore:
                 else:
                     skipped[job_id] = JobStatus(status)
             for chunk in _chunks(to_expire):
-                expired = conn.scalars(
+                expired = conn.execute(
                     update(_JOBS)
                     .where(_JOBS.c.id.in_(chunk), _JOBS.c.status == _QUEUED)
                     .values(
@@ -304,9 +310,11 @@ class JobStore:
                         error_retryable=False,
                         updated_at=now,
                     )
-                    .returning(_JOBS.c.id)
-                )
-                skipped.update(dict.fromkeys(expired, JobStatus.EXPIRED))
+                    .returning(_JOBS)
+                ).mappings()
+                expired_records = [_record(row) for row in expired]
+                skipped.update(dict.fromkeys((r.id for r in expired_records), JobStatus.EXPIRED))
+                enqueue_job_events(conn, expired_records, self._backend, now)
             lease_until = now + timedelta(seconds=lease_s)
             for chunk in _chunks(to_run):
                 rows = conn.execute(
@@ -323,7 +331,10 @@ class JobStore:
                     )
                     .returning(_JOBS)
                 ).mappings()
-                claimed.update((row["id"], _record(row)) for row in rows)
+                records = [_record(row) for row in rows]
+                claimed.update((r.id, r) for r in records)
+                # job.started, for the jobs that asked for it (once per job)
+                enqueue_job_events(conn, records, self._backend, now)
         return ClaimResult(
             claimed=[claimed[job_id] for job_id in wanted if job_id in claimed],
             skipped=skipped,
@@ -348,17 +359,26 @@ class JobStore:
             # The rows are locked (FOR UPDATE / SQLite's write lock) from this read until the
             # commit, so the decision below is exactly what the guarded UPDATE will do.
             states = self._lock(
-                conn, [o.job_id for o in outcomes], _JOBS.c.status, _JOBS.c.attempts
+                conn,
+                [o.job_id for o in outcomes],
+                _JOBS.c.status,
+                _JOBS.c.attempts,
+                _JOBS.c.webhook,
             )
             for outcome in outcomes:
                 state = states.get(outcome.job_id)
                 if state is None or outcome.job_id in applied:
                     continue
-                status, attempts = state
+                status, attempts, _webhook = state
                 if status == _RUNNING and attempts == outcome.attempt:
                     applied[outcome.job_id] = outcome
             if applied:
-                self._apply_outcomes(conn, builtins.list(applied.values()), utcnow())
+                now = utcnow()
+                self._apply_outcomes(conn, builtins.list(applied.values()), now)
+                # the webhook outbox rows commit with the outcomes, or not at all
+                hooked = [i for i in applied if states[i][2]]
+                if hooked:
+                    enqueue_job_events(conn, self._read(conn, hooked), self._backend, now)
         return builtins.list(applied) + rescheduled
 
     def _reschedule(self, conn: Connection, retries: Sequence[Reschedule]) -> builtins.list[str]:
@@ -473,21 +493,28 @@ class JobStore:
         """Fail a queued or running job outright (a poison message); False if it was not."""
         now = utcnow()
         with self._begin(write=True) as conn:
-            result = conn.execute(
-                update(_JOBS)
-                .where(_JOBS.c.id == job_id, _JOBS.c.status.in_([_QUEUED, _RUNNING]))
-                .values(
-                    status=JobStatus.FAILED.value,
-                    error_code=code,
-                    error_message=message,
-                    error_retryable=False,
-                    completed_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
+            row = (
+                conn.execute(
+                    update(_JOBS)
+                    .where(_JOBS.c.id == job_id, _JOBS.c.status.in_([_QUEUED, _RUNNING]))
+                    .values(
+                        status=JobStatus.FAILED.value,
+                        error_code=code,
+                        error_message=message,
+                        error_retryable=False,
+                        completed_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                    .returning(_JOBS)
                 )
+                .mappings()
+                .first()
             )
-        return result.rowcount == 1
+            if row is not None:
+                enqueue_job_events(conn, [_record(row)], self._backend, now)
+        return row is not None
 
     def cancel(self, job_id: str) -> JobRecord:
         """queued -> cancelled. Anything else raises IllegalTransition, unknown ids JobNotFound."""
@@ -504,7 +531,9 @@ class JobStore:
                 .first()
             )
             if row is not None:
-                return _record(row)
+                record = _record(row)
+                enqueue_job_events(conn, [record], self._backend, now)
+                return record
             current = conn.scalar(select(_JOBS.c.status).where(_JOBS.c.id == job_id))
         if current is None:
             raise JobNotFound(job_id)
@@ -542,6 +571,124 @@ class JobStore:
                 )
             )
         return result.rowcount == 1
+
+    # --- sweeps (run by the control plane) ----------------------------------------------
+
+    def expire_overdue(
+        self, *, now: datetime | None = None, limit: int = 1000
+    ) -> builtins.list[str]:
+        """queued jobs past ``expires_at`` -> expired (with their webhooks); their ids."""
+        now = utcnow() if now is None else require_aware(now, "now")
+        with self._begin(write=True) as conn:
+            ids = builtins.list(
+                conn.scalars(
+                    select(_JOBS.c.id)
+                    .where(_JOBS.c.status == _QUEUED, _JOBS.c.expires_at < now)
+                    .limit(limit)
+                )
+            )
+            if not ids:
+                return []
+            rows = conn.execute(
+                update(_JOBS)
+                .where(_JOBS.c.id.in_(ids), _JOBS.c.status == _QUEUED, _JOBS.c.expires_at < now)
+                .values(
+                    status=JobStatus.EXPIRED.value,
+                    completed_at=now,
+                    error_code=ErrorCode.JOB_EXPIRED.value,
+                    error_message="the job was not started before it expired",
+                    error_retryable=False,
+                    updated_at=now,
+                )
+                .returning(_JOBS)
+            ).mappings()
+            records = [_record(row) for row in rows]
+            enqueue_job_events(conn, records, self._backend, now)
+        return [r.id for r in records]
+
+    def stale_running(
+        self, *, now: datetime | None = None, limit: int = 500
+    ) -> builtins.list[JobRecord]:
+        """Running jobs whose lease ran out: their worker died or hangs."""
+        now = utcnow() if now is None else require_aware(now, "now")
+        query = (
+            select(_JOBS)
+            .where(_JOBS.c.status == _RUNNING, _JOBS.c.lease_expires_at < now)
+            .order_by(_JOBS.c.lease_expires_at)
+            .limit(limit)
+        )
+        with self._begin(write=False) as conn:
+            return [_record(row) for row in conn.execute(query).mappings()]
+
+    def requeue_stale(self, job_id: str, attempt: int, *, now: datetime | None = None) -> bool:
+        """running -> queued, only while it is still the same lapsed attempt."""
+        now = utcnow() if now is None else require_aware(now, "now")
+        with self._begin(write=True) as conn:
+            result = conn.execute(
+                update(_JOBS)
+                .where(
+                    _JOBS.c.id == job_id,
+                    _JOBS.c.status == _RUNNING,
+                    _JOBS.c.attempts == attempt,
+                    _JOBS.c.lease_expires_at < now,
+                )
+                .values(status=_QUEUED, lease_owner=None, lease_expires_at=None, updated_at=now)
+            )
+        return result.rowcount == 1
+
+    def fail_stale(
+        self, job_id: str, attempt: int, message: str, *, now: datetime | None = None
+    ) -> bool:
+        """running -> failed (lease_expired) after the attempt limit, same guard as above."""
+        now = utcnow() if now is None else require_aware(now, "now")
+        with self._begin(write=True) as conn:
+            row = (
+                conn.execute(
+                    update(_JOBS)
+                    .where(
+                        _JOBS.c.id == job_id,
+                        _JOBS.c.status == _RUNNING,
+                        _JOBS.c.attempts == attempt,
+                        _JOBS.c.lease_expires_at < now,
+                    )
+                    .values(
+                        status=JobStatus.FAILED.value,
+                        error_code=ErrorCode.LEASE_EXPIRED.value,
+                        error_message=message,
+                        error_retryable=False,
+                        completed_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                    .returning(_JOBS)
+                )
+                .mappings()
+                .first()
+            )
+            if row is not None:
+                enqueue_job_events(conn, [_record(row)], self._backend, now)
+        return row is not None
+
+    def purge_finished(self, *, before: datetime, limit: int = 1000) -> int:
+        """Delete terminal jobs completed before ``before``, with their webhook rows."""
+        before = require_aware(before, "before")
+        terminal = [s.value for s in JobStatus if s.terminal]
+        with self._begin(write=True) as conn:
+            ids = builtins.list(
+                conn.scalars(
+                    select(_JOBS.c.id)
+                    .where(_JOBS.c.status.in_(terminal), _JOBS.c.completed_at < before)
+                    .limit(limit)
+                )
+            )
+            if not ids:
+                return 0
+            deliveries = select(DELIVERIES.c.id).where(DELIVERIES.c.job_id.in_(ids))
+            conn.execute(ATTEMPTS.delete().where(ATTEMPTS.c.delivery_id.in_(deliveries)))
+            conn.execute(DELIVERIES.delete().where(DELIVERIES.c.job_id.in_(ids)))
+            conn.execute(_JOBS.delete().where(_JOBS.c.id.in_(ids)))
+        return len(ids)
 
     # --- workers --------------------------------------------------------------------------
 
@@ -615,6 +762,13 @@ class JobStore:
             for row in conn.execute(query):
                 states[row[0]] = tuple(row[1:])
         return states
+
+    def _read(self, conn: Connection, ids: Sequence[str]) -> builtins.list[JobRecord]:
+        records: builtins.list[JobRecord] = []
+        for chunk in _chunks(ids):
+            rows = conn.execute(select(_JOBS).where(_JOBS.c.id.in_(chunk))).mappings()
+            records.extend(_record(row) for row in rows)
+        return records
 
     def _apply_outcomes(self, conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> None:
         if self._backend == "postgresql":

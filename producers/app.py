@@ -32,6 +32,8 @@ from producers.errors import ApiError, install_handlers
 from producers.limits import BodySizeLimit
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
+from producers.ssrf import UrlGuard
+from producers.webhook_routes import check_webhook_url, webhook_router
 from schemas.contracts import (
     ADAPTER_INPUTS,
     ContractViolation,
@@ -82,6 +84,7 @@ class ApiDeps:
     depth: DepthProbe | None = None  # bus lag, for admission and autoscaling
     autoscale: AutoscalePolicy = field(default_factory=AutoscalePolicy)
     claim_check: ClaimCheck | None = None  # S3 for large inputs and results; None: inline only
+    webhook_guard: UrlGuard = field(default_factory=UrlGuard)  # SSRF: no private targets
 
 
 @dataclass
@@ -169,6 +172,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         return response
 
     _routes(app)
+    app.include_router(webhook_router())
     return app
 
 
@@ -210,6 +214,10 @@ def _routes(app: FastAPI) -> None:
                     "input_url names a bucket this service may not read",
                     "input_url",
                 )
+        if body.webhook is not None:
+            await check_webhook_url(
+                st.deps.webhook_guard, str(body.webhook.url), st.metrics.rejected
+            )
 
         await _admit(st, config.name)
 

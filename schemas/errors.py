@@ -27,6 +27,12 @@ class ErrorCode(StrEnum):
     JOB_NOT_CANCELLABLE = "job_not_cancellable"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     JOB_EXPIRED = "job_expired"
+    LEASE_EXPIRED = "lease_expired"
+    # webhooks
+    WEBHOOK_URL_INVALID = "webhook_url_invalid"
+    WEBHOOK_URL_FORBIDDEN = "webhook_url_forbidden"
+    WEBHOOK_NOT_CONFIGURED = "webhook_not_configured"
+    WEBHOOK_NOTHING_TO_REPLAY = "webhook_nothing_to_replay"
     # capacity and dependencies
     BACKLOG_FULL = "backlog_full"
     PUBLISH_UNAVAILABLE = "publish_unavailable"

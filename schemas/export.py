@@ -17,6 +17,7 @@ from schemas.dlq import DeadLetterPage, RedriveRequest, RedriveResult
 from schemas.envelope import JobEnvelope
 from schemas.errors import ErrorResponse
 from schemas.jobs import AutoscaleResource, JobPage, JobRequest, JobResource, ModelList
+from schemas.webhooks import WebhookDeliveryList, WebhookPayload
 
 EXPORTED: dict[str, type[BaseModel]] = {
     "job-request": JobRequest,
@@ -32,6 +33,8 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "redrive-request": RedriveRequest,
     "redrive-result": RedriveResult,
     "autoscale": AutoscaleResource,
+    "webhook-payload": WebhookPayload,
+    "webhook-delivery-list": WebhookDeliveryList,
 }
 
 JSON_DIR = Path(__file__).parent / "json"

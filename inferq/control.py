@@ -1,0 +1,125 @@
+"""Wiring of the Celery control plane (webhook delivery, sweeps) from Settings.
+
+``celery -A inferq.control worker -B`` works too: ``app`` is built from the environment on
+first access (PEP 562), never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from prometheus_client import CollectorRegistry
+
+from inferq.settings import Settings
+from jobstore.celery_app import ControlConfig, make_celery
+from jobstore.delivery import DeliveryConfig, RetryPolicy, parse_schedule
+from jobstore.signing import load_or_create_secret, parse_secrets
+from jobstore.sweeps import Republish
+from producers.ssrf import UrlGuard
+from schemas.envelope import JobEnvelope
+
+log = logging.getLogger(__name__)
+
+
+def webhook_secrets(settings: Settings) -> list[str]:
+    """INFERQ_WEBHOOK_SECRET, else the secret generated once into the data dir."""
+    if settings.webhook_secret:
+        return parse_secrets(settings.webhook_secret)
+    return [load_or_create_secret(settings.data_dir / "webhook_secret")]
+
+
+def url_guard(settings: Settings) -> UrlGuard:
+    return UrlGuard.from_allowlist(
+        settings.webhook_allowed_hosts.split(","), max_length=settings.webhook_max_url_length
+    )
+
+
+def kafka_republish(settings: Settings) -> Republish | None:
+    """Publishes requeued jobs onto the jobs topic (None when no broker is configured)."""
+    if not settings.kafka_bootstrap:
+        return None
+
+    def republish(envelopes: Sequence[JobEnvelope]) -> None:
+        from inferq.wiring import kafka_config
+        from transports.kafka import KafkaPublisher
+
+        async def run() -> None:
+            publisher = KafkaPublisher(kafka_config(settings, client_id="inferq-control"))
+            await publisher.start()
+            try:
+                for envelope in envelopes:
+                    headers, value = envelope.to_binary()
+                    await publisher.publish(
+                        settings.kafka_topic, value, key=envelope.id.encode(), headers=headers
+                    )
+            finally:
+                await publisher.stop()
+
+        asyncio.run(run())
+
+    return republish
+
+
+def control_config(
+    settings: Settings, *, broker_url: str | None = None, registry: CollectorRegistry | None = None
+) -> ControlConfig:
+    return ControlConfig(
+        broker_url=broker_url or settings.redis_url,
+        database_url=settings.resolved_database_url,
+        webhook_secrets=tuple(webhook_secrets(settings)),
+        check_url=url_guard(settings),
+        retry=RetryPolicy(
+            schedule=parse_schedule(settings.webhook_retry_schedule),
+            jitter=settings.webhook_retry_jitter,
+        ),
+        delivery=DeliveryConfig(
+            connect_timeout_s=settings.webhook_connect_timeout_s,
+            read_timeout_s=settings.webhook_read_timeout_s,
+            total_timeout_s=settings.webhook_total_timeout_s,
+            max_response_bytes=settings.webhook_max_response_bytes,
+        ),
+        lease_s=settings.webhook_lease_s,
+        dispatch_interval_s=settings.webhook_dispatch_interval_s,
+        sweep_interval_s=settings.sweep_interval_s,
+        result_retention_s=settings.result_retention_s,
+        job_max_attempts=settings.job_max_attempts,
+        republish=kafka_republish(settings),
+        beat_schedule_path=settings.data_dir / "celerybeat-schedule",
+        queue=settings.control_queue,
+        registry=registry or CollectorRegistry(),
+    )
+
+
+def build_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return make_celery(control_config(settings, broker_url=broker_url))
+
+
+def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def local_broker_url(settings: Settings) -> str:
+    """A broker that needs no server: kombu's SQLAlchemy transport on SQLite in the data dir."""
+    return f"sqla+sqlite:///{settings.data_dir / 'celery-broker.db'}"
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("app", "celery"):
+        return build_celery(Settings())
+    raise AttributeError(name)

@@ -1,0 +1,60 @@
+"""Celery tasks of the control plane, registered on an app by ``register``.
+
+- ``dispatch`` (beat, every ``dispatch_interval_s``): claim due outbox rows (new, retry due,
+  or a lapsed claim whose task was lost) and fan them out to ``deliver`` tasks;
+- ``deliver``: one HTTP attempt for one claimed row, recorded whatever happens;
+- ``sweeps`` (beat): expiry, stale-lease requeue, retention purge.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from jobstore import sweeps
+from jobstore.outbox import Claimed
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from jobstore.celery_app import ControlRuntime
+
+log = logging.getLogger(__name__)
+
+_MAX_ROUNDS = 10  # claim rounds per dispatch tick, so one tick cannot run forever
+
+
+def register(app: Celery, runtime: ControlRuntime) -> None:
+    from jobstore.celery_app import tasks_names
+
+    config = runtime.config
+
+    @app.task(name=tasks_names.DELIVER, ignore_result=True)
+    def deliver(delivery_id: str, token: str) -> str | None:
+        outcome = runtime.deliverer.deliver(Claimed(delivery_id, token))
+        return None if outcome is None else outcome.value
+
+    @app.task(name=tasks_names.DISPATCH, ignore_result=True)
+    def dispatch() -> int:
+        outbox = runtime.outbox
+        sent = 0
+        for _ in range(_MAX_ROUNDS):
+            claimed = outbox.claim_due(limit=config.dispatch_batch, lease_s=config.lease_s)
+            for claim in claimed:
+                deliver.apply_async((claim.id, claim.token), expires=config.lease_s)
+            sent += len(claimed)
+            if len(claimed) < config.dispatch_batch:
+                break
+        return sent
+
+    @app.task(name=tasks_names.SWEEP, ignore_result=True)
+    def sweep() -> dict[str, Any]:
+        report = sweeps.run_all(
+            runtime.store,
+            config.republish,
+            max_attempts=config.job_max_attempts,
+            retention_s=config.result_retention_s,
+        )
+        if any(vars(report).values()):
+            log.info("sweep: %s", report)
+        return vars(report)
