@@ -116,6 +116,8 @@ def minilm(console: Console, r: dict[str, Any], cores: int) -> None:
         f"workers.adapters (tokenize + pad + run + to lists), batch {r['batch_size']}"
         f"{_disturbed(r['adapter'].get('other_cores'))}",
     )
+    if "idle_cores" in r:
+        _row(table, "roles at rest", "", _idle_text(r["idle_cores"]))
     _row(
         table,
         "e2e inferq",
@@ -177,6 +179,8 @@ def identity(console: Console, r: dict[str, Any], cores: int) -> None:
         _rate(r["identity_model_alone_per_s"], " items/s"),
         "adapter.run, batch 256, in this process",
     )
+    if "idle_cores" in r:
+        _row(table, "roles at rest", "", _idle_text(r["idle_cores"]))
     _row(
         table,
         "inferq HTTP",
@@ -298,10 +302,22 @@ def latency(console: Console, r: dict[str, Any]) -> None:
         if key in seg:
             _row(parts, label, f"{seg[key]:.1f} ms")
     console.print(parts)
+    if "idle_cores" in r:
+        console.print(f"   roles at rest: {_idle_text(r['idle_cores'])}")
     console.print(
         f"   statuses: {_statuses(r['statuses'])}; "
         f"p50 difference: [bold]{r['p50_difference_ms']:.1f} ms[/bold]"
     )
+
+
+def _idle_text(idle: dict[str, float]) -> str:
+    text = ", ".join(f"{k} {v:.2f}" for k, v in idle.items()) + " cores, with no jobs"
+    if idle.get("worker", 0) > 0.2:
+        text += (
+            "; the worker's idle Kafka consumer is busy (the broker answers fetches at once "
+            "instead of holding them for fetch_max_wait_ms), which the model then lacks"
+        )
+    return text
 
 
 def _disturbed(other_cores: float | None) -> str:

@@ -228,6 +228,17 @@ def warm_up(
     wait_for_terminal(stack.db_path, target, timeout_s=120)
 
 
+def idle_cpu(env: Env, stack: InferqStack, seconds: float = 2.0) -> dict[str, float]:
+    """Cores each role keeps busy with no jobs at all (after warm-up): what the roles take
+    from the model before any work arrives."""
+    time.sleep(0.5)  # let the warm-up's last commits and writes settle
+    meter = _meter(env, stack)
+    meter.start()
+    time.sleep(seconds)
+    used = meter.stop()
+    return {k: v / seconds for k, v in used.items() if k in ("api", "worker", "broker")}
+
+
 # --- scenario 1: MiniLM throughput ----------------------------------------------------------
 
 
@@ -258,6 +269,7 @@ def minilm(env: Env, jobs: int, concurrency: int = 32, direct: bool = True) -> d
     try:
         stack.start()
         warm_up(stack, "minilm", [{"text": t} for t in baselines.sentences(64, seed=99)], 32)
+        idle = idle_cpu(env, stack)
         env.log(f"minilm: {jobs} jobs over HTTP, concurrency {concurrency}")
         window = http_window(
             env, stack, "minilm", [{"text": t} for t in texts], concurrency, "minilm"
@@ -298,6 +310,7 @@ def minilm(env: Env, jobs: int, concurrency: int = 32, direct: bool = True) -> d
             "provider": ad.provider,
             "other_cores": ad_other["other_cores"],
         },
+        "idle_cores": idle,
         "e2e": window.as_dict(),
         "ratio_e2e_raw": window.per_s / raw.per_s,
         "direct": direct_w.as_dict() if direct_w else None,
@@ -391,6 +404,7 @@ def identity(
     try:
         stack.start()
         warm_up(stack, "identity", [IDENTITY_INPUT] * 256, http_concurrency)
+        idle = idle_cpu(env, stack)
         env.log(f"identity: {http_jobs} jobs over HTTP, concurrency {http_concurrency}")
         http = http_window(
             env, stack, "identity", [IDENTITY_INPUT] * http_jobs, http_concurrency, "identity-http"
@@ -411,6 +425,7 @@ def identity(
     out: dict[str, Any] = {
         "http_concurrency": http_concurrency,
         "identity_model_alone_per_s": model_alone.per_s,
+        "idle_cores": idle,
         "http": http.as_dict(),
         "direct": direct.as_dict(),
         "celery": celery,
@@ -582,6 +597,7 @@ def latency(env: Env, samples: int, warmup: int = 20) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
     try:
         stack.start()
+        idle = idle_cpu(env, stack)
         env.log(f"latency: {samples} sequential jobs (POST, then GET ?wait=10)")
         with (
             profile.record(env.profile_dir, "latency", stack.pids()),
@@ -621,6 +637,7 @@ def latency(env: Env, samples: int, warmup: int = 20) -> dict[str, Any]:
         "statuses": dict(statuses),
         "model_batch1_s": model_p,
         "model_other_cores": model_other["other_cores"],
+        "idle_cores": idle,
         "e2e_s": e2e_p,
         "p50_difference_ms": 1000 * (e2e_p["p50"] - model_p["p50"]),
         "segments_p50_ms": {

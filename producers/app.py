@@ -289,7 +289,9 @@ def _routes(app: FastAPI) -> None:
         while (record is None or not record.status.terminal) and time.monotonic() < deadline:
             await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             record = await asyncio.to_thread(store.get, job_id) or record
-            interval = min(interval * 1.5, 0.05)
+            # fast polls while a quick job is likely to finish, then back off to spare the store
+            waited = time.monotonic() - (deadline - wait)
+            interval = 0.003 if waited < 0.5 else min(interval * 1.5, 0.05)
         if record is None:
             raise _not_found(job_id)
         return await _resource(st, record)
