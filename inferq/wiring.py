@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import OperationalError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from dlq.http import make_router
 from dlq.redrive import Redriver
@@ -19,6 +21,7 @@ from dlq.router import DeadLetterRouter
 from dlq.store import DeadLetterStore
 from inferq.control import url_guard
 from inferq.settings import Settings
+from jobstore.errors import StoreUnavailable
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
 from producers.asyncapi import asyncapi_document
@@ -56,9 +59,22 @@ def kafka_config(
 
 
 def open_store(settings: Settings) -> JobStore:
+    """The job store with every table in place (jobs, outbox, dead letters).
+
+    Roles start at once and may all create the schema; on SQLite a schema change that
+    meets another one fails with "database is locked" instead of waiting, so retry briefly.
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.resolved_database_url)
-    store.create_schema()
+    for attempt in Retrying(
+        retry=retry_if_exception_type((StoreUnavailable, OperationalError)),
+        wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
+        stop=stop_after_attempt(10),
+        reraise=True,
+    ):
+        with attempt:
+            store.create_schema()
+            DeadLetterStore(store.engine).create_schema()
     return store
 
 
@@ -125,7 +141,6 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
     )
     app = create_app(deps)
     letters = DeadLetterStore(store.engine)
-    letters.create_schema()
     redriver = Redriver(letters, deps.publisher, destination, store.requeue_failed)
     app.include_router(make_router(letters, redriver))
     return app
@@ -176,7 +191,6 @@ async def run_worker(
     consumer, publisher, depth, dlq = await _worker_bus(settings, wid)
     await publisher.start()
     letters = DeadLetterStore(store.engine)
-    letters.create_schema()
     from inferq.sqs_wiring import claim_check
 
     worker = Worker(
