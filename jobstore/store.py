@@ -266,6 +266,7 @@ class JobStore:
         worker_id: str,
         lease_s: float,
         now: datetime | None = None,
+        due: Iterable[str] = (),
     ) -> ClaimResult:
         """Move the batch to running for ``worker_id``, in one transaction.
 
@@ -277,6 +278,8 @@ class JobStore:
             raise ValueError("lease_s must be positive")
         now = utcnow() if now is None else require_aware(now, "now")
         wanted = builtins.list(dict.fromkeys(ids))
+        # the pump's re-publish of a due retry: its row's not-before is the pump's hold
+        due_ids = set(due)
         if not wanted:
             return ClaimResult(claimed=[], skipped={}, missing=[])
         skipped: dict[str, JobStatus] = {}
@@ -291,7 +294,12 @@ class JobStore:
                 status, expires_at, retry_at = states[job_id]
                 if status == _QUEUED and expires_at is not None and expires_at < now:
                     to_expire.append(job_id)
-                elif status == _QUEUED and retry_at is not None and retry_at > now:
+                elif (
+                    status == _QUEUED
+                    and retry_at is not None
+                    and retry_at > now
+                    and job_id not in due_ids
+                ):
                     # a stale copy of a job waiting out its backoff: the retry pump owns it
                     skipped[job_id] = JobStatus.QUEUED
                 elif status in (_QUEUED, _RUNNING):

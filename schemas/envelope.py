@@ -49,6 +49,8 @@ class JobEnvelope(BaseModel):
         ]
         if self.time is not None:
             headers.append(("ce_time", self.time.isoformat().encode()))
+        for name, value in (self.model_extra or {}).items():  # extension attributes
+            headers.append((f"ce_{name}", str(value).encode()))
         return headers, self.data.model_dump_json(exclude_none=True).encode()
 
 

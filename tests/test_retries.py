@@ -271,3 +271,25 @@ async def test_transient_and_poison_on_a_real_broker(
     [letter] = letters.list(DeadLetterFilter())
     assert letter.job_id == "poison" and letter.origin == topic
     store.close()
+
+
+def test_claim_takes_the_pumps_republish_but_not_a_stale_copy(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from jobstore.records import NewJob, Reschedule
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_schema()
+    store.create(NewJob(id="j", model="scripted", version="1", input={"tensor": [7]}))
+    [first] = store.claim(["j"], worker_id="w", lease_s=60).claimed
+    later = datetime.now(UTC) + timedelta(seconds=60)
+    store.complete([], [Reschedule("j", first.attempts, later, "inference_failed", "busy")])
+    # a redelivered copy of the original message does not jump the backoff
+    assert store.claim(["j"], worker_id="w", lease_s=60).skipped == {"j": JobStatus.QUEUED}
+    # the pump takes it when due (its hold pushes the not-before on) and re-publishes it
+    [due] = store.due_retries(now=later + timedelta(seconds=1))
+    assert due.id == "j" and due.retry_at is not None
+    # the worker may claim that re-publish before the pump clears the hold
+    [again] = store.claim(["j"], worker_id="w", lease_s=60, due={"j"}).claimed
+    assert again.attempts == 2 and again.retry_at is None
+    store.close()

@@ -32,7 +32,7 @@ from transports.blobs import BlobError, BlobNotFound, BlobTooLarge, ClaimCheck
 from workers.adapters import LoadedModel
 from workers.batcher import Batch, MicroBatcher
 from workers.metrics import WorkerMetrics
-from workers.retry import RetryPolicy, RetryPump
+from workers.retry import RETRY_EXTENSION, RetryPolicy, RetryPump
 from workers.throughput import Ewma
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,12 @@ class Worker:
 
         new_jobs = [_new_job(a.envelope, a.config) for a in accepted]
         ids = [a.envelope.id for a in accepted]
-        claim = await asyncio.to_thread(self._ensure_and_claim, new_jobs, ids)
+        due = {
+            a.envelope.id
+            for a in accepted
+            if (a.envelope.model_extra or {}).get(RETRY_EXTENSION) is not None
+        }
+        claim = await asyncio.to_thread(self._ensure_and_claim, new_jobs, ids, due)
         by_id = {r.id: r for r in claim.claimed}
         now = asyncio.get_running_loop().time()
         for a in accepted:
@@ -248,9 +253,11 @@ class Worker:
         await self._poison(delivery, code, msg, envelope=envelope, exc=error)
         return None
 
-    def _ensure_and_claim(self, new_jobs: list[NewJob], ids: list[str]) -> Any:
+    def _ensure_and_claim(self, new_jobs: list[NewJob], ids: list[str], due: set[str]) -> Any:
         self.store.ensure(new_jobs)
-        return self.store.claim(ids, worker_id=self.config.worker_id, lease_s=self.config.lease_s)
+        return self.store.claim(
+            ids, worker_id=self.config.worker_id, lease_s=self.config.lease_s, due=due
+        )
 
     async def _poison(
         self,

@@ -24,6 +24,10 @@ from transports.base import Publisher
 
 log = logging.getLogger(__name__)
 
+# CloudEvents extension that marks the pump's own re-publish of a due retry: the worker may
+# claim it even while the row's not-before still holds the pump's hold time
+RETRY_EXTENSION = "inferqretry"
+
 # Errors that fail the same way every time: retrying only delays the dead letter.
 NEVER_RETRY = frozenset(
     {
@@ -101,7 +105,11 @@ class RetryPump:
             return 0
         sent = []
         for record in due:
-            headers, value = envelope_for(record, self.source).to_binary()
+            envelope = envelope_for(record, self.source)
+            envelope = JobEnvelope.model_validate(
+                {**envelope.model_dump(), RETRY_EXTENSION: str(record.attempts)}
+            )
+            headers, value = envelope.to_binary()
             try:
                 await self.publisher.publish(
                     self.topic, value, key=record.id.encode(), headers=headers
