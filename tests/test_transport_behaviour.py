@@ -490,10 +490,12 @@ async def test_kafka_commit_on_revoke_hands_acked_work_to_the_next_member(
     kafka_broker: EmbeddedKafka | ExternalKafka, kafka_config: KafkaConfig, topic: str
 ) -> None:
     if isinstance(kafka_broker, EmbeddedKafka):
-        # noida-db 0.2.3 answers any OffsetCommit sent while the group rebalances with
-        # IllegalGeneration (Apache Kafka accepts it from the current generation); aiokafka
-        # then rejoins under a new member id and the group never settles again
-        pytest.xfail("noida-db rejects commits during a rebalance; run against Apache Kafka")
+        # Needs Apache Kafka (INFERQ_TEST_KAFKA_BOOTSTRAP), which cannot be installed here.
+        # noida-db 0.2.3 answers an OffsetCommit sent during a rebalance with IllegalGeneration
+        # and the two-member group never settles: run against it, this test hangs (>200 s,
+        # measured). What noida-db can show is covered elsewhere: a failed commit only means
+        # redelivery (test_offsets.py, the kill -9 and broker-restart end-to-end tests).
+        pytest.skip("needs Apache Kafka: noida-db wedges a group that commits mid-rebalance")
     group = _group()
     async with KafkaPublisher(kafka_config) as publisher:
         await publish_values(publisher, topic, [b"a", b"b", b"c"])
