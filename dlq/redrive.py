@@ -8,9 +8,11 @@ minus the dead-letter reason headers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dlq.router import HEADER_PREFIX
 from dlq.store import DeadLetterStore
@@ -26,24 +28,26 @@ class RedriveReport:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+class RedriveJobs(Protocol):
+    """The two job-store transitions a redrive needs (``JobStore`` has both)."""
+
+    def requeue_failed(self, ids: Sequence[str]) -> object: ...
+
+    def restore_failed(self, job_id: str, code: str, message: str) -> bool: ...
+
+
 class Redriver:
     def __init__(
-        self,
-        letters: DeadLetterStore,
-        publisher: Publisher,
-        topic: str,
-        requeue_jobs: Callable[[list[str]], object],
+        self, letters: DeadLetterStore, publisher: Publisher, topic: str, jobs: RedriveJobs
     ) -> None:
         self.letters = letters
         self.publisher = publisher
         self.topic = topic
-        self.requeue_jobs = requeue_jobs  # failed -> queued in the job store
+        self.jobs = jobs
 
     async def redrive(
         self, ids: Sequence[str], progress: Callable[[int], None] | None = None
     ) -> RedriveReport:
-        import asyncio
-
         report = RedriveReport()
         entries = await asyncio.to_thread(self.letters.get_many, ids)
         for entry_id in ids:
@@ -52,9 +56,13 @@ class Redriver:
             if not claimed:
                 report.already_redriven.append(entry_id)
             else:
+                requeued = False
                 try:
+                    # the row is queued before the publish: a worker that gets the message
+                    # first would otherwise find the job terminal and skip it
                     if entry.job_id:
-                        await asyncio.to_thread(self.requeue_jobs, [entry.job_id])
+                        await asyncio.to_thread(self.jobs.requeue_failed, [entry.job_id])
+                        requeued = True
                     headers = [
                         (k, v) for k, v in entry.headers.items() if not k.startswith(HEADER_PREFIX)
                     ]
@@ -63,6 +71,11 @@ class Redriver:
                     )
                     report.redriven.append(entry_id)
                 except Exception as exc:  # give the entry back so a later redrive can retry
+                    if requeued and entry.job_id:
+                        # nothing is on the bus: a queued row would wait (and count) forever
+                        await asyncio.to_thread(
+                            self.jobs.restore_failed, entry.job_id, entry.code, entry.message
+                        )
                     await asyncio.to_thread(self.letters.unmark_redriven, entry_id)
                     report.failed[entry_id] = str(exc) or type(exc).__name__
                     log.warning("redrive of %s failed: %s", entry_id, exc)

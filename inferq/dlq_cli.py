@@ -13,7 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from dlq.http import resource
-from dlq.redrive import Redriver
+from dlq.redrive import RedriveJobs, Redriver
 from dlq.store import DeadLetterFilter, DeadLetterStore
 from inferq.settings import Settings
 
@@ -128,7 +128,7 @@ def _redrive(
     console: Console,
     err: Console,
     letters: DeadLetterStore,
-    store: object,
+    store: RedriveJobs,
     settings: Settings,
     args: argparse.Namespace,
 ) -> int:
@@ -163,7 +163,7 @@ def _redrive(
         publisher = KafkaPublisher(config)
         await publisher.start()
         try:
-            redriver = Redriver(letters, publisher, settings.kafka_topic, store.requeue_failed)  # type: ignore[attr-defined]
+            redriver = Redriver(letters, publisher, settings.kafka_topic, store)
             with Progress(console=console, transient=False) as progress:
                 task = progress.add_task("redriving", total=len(ids))
                 report = await redriver.redrive(ids, progress=lambda n: progress.advance(task, n))

@@ -141,7 +141,7 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
     )
     app = create_app(deps)
     letters = DeadLetterStore(store.engine)
-    redriver = Redriver(letters, deps.publisher, destination, store.requeue_failed)
+    redriver = Redriver(letters, deps.publisher, destination, store)
     app.include_router(make_router(letters, redriver))
     return app
 

@@ -460,6 +460,27 @@ class JobStore:
                 out.extend(row_record(row) for row in rows)
         return out
 
+    def restore_failed(self, job_id: str, code: str, message: str) -> bool:
+        """Undo ``requeue_failed`` for a redrive whose publish failed: queued -> failed again.
+
+        No job events: the job already announced its failure, and nothing ran since.
+        """
+        now = utcnow()
+        with self._begin(write=True) as conn:
+            result = conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job_id, JOBS.c.status == _QUEUED)
+                .values(
+                    status=JobStatus.FAILED.value,
+                    error_code=code,
+                    error_message=message,
+                    error_retryable=False,
+                    completed_at=now,
+                    updated_at=now,
+                )
+            )
+        return result.rowcount == 1
+
     def queue_stats(self, *, now: datetime | None = None) -> dict[str, dict[str, float]]:
         """Per model: queued, running, and the age in seconds of the oldest queued job."""
         now = utcnow() if now is None else require_aware(now, "now")

@@ -66,9 +66,7 @@ async def dlq(tmp_path: Path) -> AsyncIterator[Dlq]:
         )
     )
     app.include_router(
-        make_router(
-            letters, Redriver(letters, MemoryPublisher(broker), TOPIC, store.requeue_failed)
-        )
+        make_router(letters, Redriver(letters, MemoryPublisher(broker), TOPIC, store))
     )
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://api"
@@ -151,3 +149,22 @@ def test_purge_by_filter(tmp_path: Path) -> None:
     assert letters.purge(DeadLetterFilter(code="invalid_input")) == 1
     assert [r.code for r in letters.list(DeadLetterFilter())] == ["inference_failed"]
     store.close()
+
+
+async def test_a_redrive_whose_publish_fails_leaves_the_job_failed_not_queued(dlq: Dlq) -> None:
+    a = dlq.add("a", "identity", "inference_failed")
+    backlog = dlq.store.backlog()
+    dlq.broker.fail_publishes = 1
+    r = await dlq.client.post("/v1/dlq/redrive", json={"ids": [a]})
+    assert r.status_code == 200 and r.json()["redriven"] == [] and a in r.json()["failed"]
+    assert dlq.broker.messages(TOPIC) == []
+    record = dlq.store.get("a")
+    # nothing is on the bus, so the row must not wait as queued (it would count forever)
+    assert record is not None and record.status is JobStatus.FAILED
+    assert record.error_code == "inference_failed" and record.error_message == "it broke"
+    assert dlq.store.backlog() == backlog
+    # the entry was given back: a later redrive, with the broker healthy, succeeds
+    again = (await dlq.client.post("/v1/dlq/redrive", json={"ids": [a]})).json()
+    assert again["redriven"] == [a] and len(dlq.broker.messages(TOPIC)) == 1
+    requeued = dlq.store.get("a")
+    assert requeued is not None and requeued.status is JobStatus.QUEUED

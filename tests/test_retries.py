@@ -176,7 +176,7 @@ async def test_redrive_after_the_fix_succeeds_and_is_idempotent(rig: Rig) -> Non
     await _publish(rig, "poison", 13)
     await rig.run_until(policy, lambda: rig.status("poison") is JobStatus.FAILED)
     [letter] = rig.letters.list(DeadLetterFilter(model="scripted"))
-    redriver = Redriver(rig.letters, MemoryPublisher(rig.broker), TOPIC, rig.store.requeue_failed)
+    redriver = Redriver(rig.letters, MemoryPublisher(rig.broker), TOPIC, rig.store)
     rig.model.broken = False  # the model is fixed
     first = await redriver.redrive([letter.id])
     second = await redriver.redrive([letter.id])
