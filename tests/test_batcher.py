@@ -43,3 +43,27 @@ async def test_batches_grow_while_the_handler_is_busy() -> None:
     await batcher.drain()
     await batcher.stop()
     assert seen == [1, 20]
+
+
+async def test_a_handler_that_raises_does_not_end_the_batcher_nor_hang_drain() -> None:
+    seen: list[list[int]] = []
+    failed: list[tuple[list[int], str]] = []
+
+    async def handler(batch: Batch[int]) -> None:
+        if 0 in batch.items:
+            raise RuntimeError("handler bug")
+        seen.append(batch.items)
+
+    async def on_error(batch: Batch[int], exc: BaseException) -> None:
+        failed.append((batch.items, str(exc)))
+
+    batcher: MicroBatcher[int] = MicroBatcher(2, 0.0, handler, on_error=on_error)
+    batcher.start()
+    batcher.put(0)
+    async with asyncio.timeout(2):
+        await batcher.drain()
+    batcher.put(1)
+    async with asyncio.timeout(2):
+        await batcher.drain()
+    assert failed == [([0], "handler bug")] and seen == [[1]]
+    await batcher.stop()

@@ -335,3 +335,43 @@ async def test_metrics_are_namespaced(harness: Harness) -> None:
         if line and not line.startswith("#")
     }
     assert all(n.startswith("inferq_") for n in names), names
+
+
+@dataclass
+class ShortModel:
+    """An adapter bug: returns fewer results than inputs."""
+
+    config: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            name="short", version="1", adapter="identity", max_batch_size=8, max_wait_ms=20
+        )
+    )
+    provider: str = "CPUExecutionProvider"
+
+    def run(self, inputs: list[BaseModel]) -> list[dict[str, Any]]:
+        return []
+
+
+async def test_a_model_that_breaks_its_contract_fails_its_jobs_and_the_loop_goes_on(
+    harness: Harness,
+) -> None:
+    short = ShortModel()
+    harness.models[short.config.key] = short
+    await harness.publish(job("short-1", "short", {"tensor": [1]}))
+    await harness.publish(job("short-2", "short", {"tensor": [2]}))
+    await harness.publish(job("after", "identity", {"tensor": [3]}))
+    ids = ["short-1", "short-2", "after"]
+    await harness.run_until(
+        lambda: (
+            len(_status(harness.store, ids)) == 3
+            and all(s.terminal for s in _status(harness.store, ids).values())
+        ),
+        limit_s=15,
+    )
+    records = harness.store.get_many(ids)
+    assert records["after"].status is JobStatus.SUCCEEDED
+    for i in ("short-1", "short-2"):
+        assert records[i].status is JobStatus.FAILED
+        assert records[i].error_code == "inference_failed"
+        assert "results" in (records[i].error_message or "")
+    assert harness.committed() == 3

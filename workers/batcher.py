@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,6 +29,9 @@ class MicroBatcher(Generic[T]):
     max_batch_size: int
     max_wait_s: float
     handler: Callable[[Batch[T]], Awaitable[None]]
+    # told about a batch whose handler raised, so its items are not left hanging; the
+    # batcher goes on either way (a dead batcher task would stall its model for good)
+    on_error: Callable[[Batch[T], BaseException], Awaitable[None]] | None = None
     _queue: asyncio.Queue[tuple[float, T]] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
     _busy: bool = False
@@ -69,9 +75,21 @@ class MicroBatcher(Generic[T]):
                     items.append((await asyncio.wait_for(self._queue.get(), remaining))[1])
                 except TimeoutError:
                     break
+            batch = Batch(items, loop.time() - first_at)
             try:
-                await self.handler(Batch(items, loop.time() - first_at))
+                await self.handler(batch)
+            except Exception as exc:
+                log.exception("batch handler failed on %d items", len(items))
+                await self._report(batch, exc)
             finally:
                 self._busy = False
                 for _ in items:
                     self._queue.task_done()
+
+    async def _report(self, batch: Batch[T], exc: BaseException) -> None:
+        if self.on_error is None:
+            return
+        try:
+            await self.on_error(batch, exc)
+        except Exception:
+            log.exception("batch error handler failed too")

@@ -117,6 +117,7 @@ class Worker:
                 model.config.max_batch_size,
                 model.config.max_wait_ms / 1000.0,
                 self._make_handler(model),
+                on_error=self._make_error_handler(model),
             )
             batcher.start()
             self._batchers[key] = batcher
@@ -335,6 +336,16 @@ class Worker:
 
         return handle
 
+    def _make_error_handler(self, model: LoadedModel) -> Any:
+        async def failed(batch: Batch[WorkItem], exc: BaseException) -> None:
+            # a bug around inference, not in a job: fail each job retryably, so the retry
+            # policy and the DLQ decide, and the messages are acked instead of stalling
+            outcomes = [_outcome(item, _as_retryable(exc)) for item in batch.items]
+            await self._writes.acquire()
+            await self._persist(model, batch.items, outcomes)
+
+        return failed
+
     async def _persist(
         self, model: LoadedModel, items: list[WorkItem], outcomes: list[Outcome]
     ) -> None:
@@ -495,12 +506,29 @@ def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
 def _run_isolating(model: LoadedModel, items: list[WorkItem]) -> list[dict[str, Any] | Exception]:
     """Run a batch; when it fails, split it so one bad item does not fail its neighbours."""
     try:
-        return list(model.run([i.payload for i in items]))
+        results = list(model.run([i.payload for i in items]))
+        if len(results) != len(items):
+            raise _ContractBroken(f"model returned {len(results)} results for {len(items)} inputs")
+        return results
     except Exception as exc:
         if len(items) == 1:
             return [exc]
         mid = len(items) // 2
         return _run_isolating(model, items[:mid]) + _run_isolating(model, items[mid:])
+
+
+class _ContractBroken(RuntimeError):
+    """The model answered, but not one result per input."""
+
+
+class _HandlerFailed(RuntimeError):
+    retryable = True
+
+
+def _as_retryable(exc: BaseException) -> Exception:
+    wrapped = _HandlerFailed(f"{type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
 
 
 def _outcome(item: WorkItem, result: dict[str, Any] | Exception) -> Outcome:
