@@ -506,7 +506,7 @@ def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
 def _run_isolating(model: LoadedModel, items: list[WorkItem]) -> list[dict[str, Any] | Exception]:
     """Run a batch; when it fails, split it so one bad item does not fail its neighbours."""
     try:
-        results = list(model.run([i.payload for i in items]))
+        results: list[dict[str, Any] | Exception] = list(model.run([i.payload for i in items]))
         if len(results) != len(items):
             raise _ContractBroken(f"model returned {len(results)} results for {len(items)} inputs")
         return results
