@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
 
-    transport: Literal["kafka", "sqs", "memory"] = "kafka"
+    # the in-memory transport serves tests inside one process; no role can run on it
+    transport: Literal["kafka", "sqs"] = "kafka"
     data_dir: Path = Path(".inferq")
 
     kafka_bootstrap: str | None = None
