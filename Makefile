@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.inferq-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run models test test-fast lint typecheck check bench schemas clean
+.PHONY: setup run models test test-fast lint typecheck imports check bench schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-check: lint typecheck test
+# the layering contract in pyproject.toml ([tool.importlinter])
+imports: setup
+	$(BIN)/lint-imports
+
+check: lint typecheck imports test
 
 bench: models
 	$(BIN)/python -m bench.run

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import tempfile
@@ -147,7 +148,8 @@ async def _sqs(n: int, models_dir: Path, workdir: Path, prefix: str) -> Sample:
         await ensure_queues(config, queue)
         async with SqsPublisher(config) as publisher:
             await _in_parallel(
-                [lambda i=i: publisher.publish(queue, _event(i, prefix)) for i in range(n)], 8
+                [functools.partial(publisher.publish, queue, _event(i, prefix)) for i in range(n)],
+                8,
             )
         return await _measure(
             "sqs",

@@ -66,7 +66,7 @@ class SqsHarness:
             sqs.close()
 
     def event(self, job_id: str, data: dict[str, Any], **attrs: Any) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "specversion": "1.0",
             "id": job_id,
             "source": "//test",

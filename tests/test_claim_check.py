@@ -183,6 +183,7 @@ async def test_worker_fails_bad_input_urls_with_a_clear_code(
 ) -> None:
     _with_claim_check(harness, aws_endpoint)
     if "ours-but-gone" in url:
+        assert harness.claim_check is not None
         harness.claim_check = _policy(
             harness.claim_check.blobs, allowed_buckets=frozenset({"ours-but-gone"})
         )

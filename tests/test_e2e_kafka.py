@@ -200,7 +200,8 @@ def _assert_all_succeeded_once(
     sample = list(range(0, len(ids), max(1, len(ids) // 8)))
     refs = reference([texts[i] for i in sample])
     for i, ref in zip(sample, refs, strict=True):
-        assert _cos(records[ids[i]].result["embedding"], ref) > 1 - 1e-4
+        result = records[ids[i]].result
+        assert result is not None and _cos(result["embedding"], ref) > 1 - 1e-4
 
 
 def _count(store: JobStore, ids: list[str], status: JobStatus) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 from schemas.contracts import ModelConfig, TensorInput, TextEmbeddingInput
 from tests.fixtures_models import Embedder
@@ -43,7 +44,7 @@ def _driver_present() -> bool:
     return True
 
 
-def _texts(items: list[str]) -> list[TextEmbeddingInput]:
+def _texts(items: list[str]) -> list[BaseModel]:
     return [TextEmbeddingInput(text=t) for t in items]
 
 

@@ -90,7 +90,8 @@ async def test_commit_keeps_transiently_failed_deletes_for_the_next_commit() -> 
     async def call(operation: str, **kwargs: Any) -> dict[str, Any]:
         assert operation == "delete_message_batch"
         calls.append([e["ReceiptHandle"] for e in kwargs["Entries"]])
-        return replies[len(calls) - 1]
+        reply: dict[str, Any] = replies[len(calls) - 1]  # type: ignore[assignment]
+        return reply
 
     consumer._client.call = call  # type: ignore[method-assign]
     deliveries = [

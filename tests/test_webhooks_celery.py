@@ -244,8 +244,9 @@ def test_sweeps_expire_and_requeue(control: Control, hook: Receiver) -> None:
     control.start()
     wait_for(lambda: "late" in hook.ids_by_job(), 60, "the job.expired webhook")
     assert hook.received[0].event == "job.expired"
-    wait_for(lambda: store.get("stuck").status == JobStatus.FAILED, 60, "the stale job failed")
-    assert store.get("stuck").error_code == "lease_expired"  # type: ignore[union-attr]
+    wait_for(lambda: _status(store, "stuck") == JobStatus.FAILED, 60, "the stale job failed")
+    stuck = store.get("stuck")
+    assert stuck is not None and stuck.error_code == "lease_expired"
 
 
 @pytest.mark.slow
@@ -269,3 +270,8 @@ def test_local_broker_fallback_without_redis(tmp_path: Path, secret: str, hook: 
         assert "sqla+sqlite" in text and "not reachable" in text
     finally:
         c.stop()
+
+
+def _status(store: JobStore, job_id: str) -> JobStatus | None:
+    record = store.get(job_id)
+    return None if record is None else record.status

@@ -140,7 +140,9 @@ async def test_direct_publish_in_both_modes_runs_and_creates_rows(harness: Harne
     records = harness.store.get_many(ids)
     assert records["bin-1"].result == {"tensor": [1.0, 2.0, 3.0]}
     assert records["struct-1"].result == {"tensor": [4.5]}
-    emb = np.array(records["text-1"].result["embedding"])
+    text_result = records["text-1"].result
+    assert text_result is not None
+    emb = np.array(text_result["embedding"])
     assert emb.shape == (384,) and abs(np.linalg.norm(emb) - 1) < 1e-4
     assert all(r.attempts == 1 and r.source == "urn:test" for r in records.values())
     assert harness.committed() == 3
