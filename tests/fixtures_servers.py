@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -14,11 +15,20 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from jobstore.store import normalise_url
+from tests.local_servers import LocalPostgres, LocalRedis, ServerUnavailable
 from transports.base import TransportError
 from transports.broker import EmbeddedKafka, free_port
 from transports.kafka import KafkaConfig, ensure_topics
 from transports.moto_local import LocalAws
 from transports.sqs import SqsConfig, delete_queues, dlq_name, ensure_queues
+
+
+def unavailable(message: str) -> None:
+    """A server a test needs cannot be had: skip with the reason, but fail under CI."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
 
 # --- PostgreSQL ---------------------------------------------------------------------------
 
@@ -46,21 +56,79 @@ def _postgres_error(url: str) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """A reachable PostgreSQL URL (psycopg driver). Fails, never skips, when there is none."""
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A reachable PostgreSQL URL (psycopg driver): the configured one, the machine's own on
+    5432, or else a throwaway server started for this session and stopped after it."""
     configured = os.environ.get(POSTGRES_URL_ENV)
     candidates = (configured,) if configured else _POSTGRES_CANDIDATES
     errors = []
     for url in candidates:
         error = _postgres_error(url)
         if error is None:
-            return normalise_url(url).render_as_string(hide_password=False)
+            yield normalise_url(url).render_as_string(hide_password=False)
+            return
         errors.append(f"{url}: {error}")
-    pytest.fail(
-        "PostgreSQL is unreachable (set "
-        f"{POSTGRES_URL_ENV}, or deselect with -m 'not postgres'):\n" + "\n".join(errors),
-        pytrace=False,
-    )
+    if configured:
+        pytest.fail(f"{POSTGRES_URL_ENV} is unreachable: {errors[0]}", pytrace=False)
+    server = LocalPostgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.start()
+    except ServerUnavailable as exc:
+        unavailable(f"no PostgreSQL running and none can be started here: {exc}")
+    try:
+        yield server.url
+    finally:
+        server.stop("immediate")
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+REDIS_URL_ENV = "INFERQ_TEST_REDIS_URL"
+# a database number of its own, so that flushing it touches nobody else's keys
+_REDIS_DEFAULT = "redis://127.0.0.1:6379/14"
+
+
+def _redis_error(url: str) -> str | None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis database for this session, flushed before and after: the configured one, the
+    machine's own on 6379 (database 14), or a throwaway redis-server on a free port."""
+    import redis
+
+    url = os.environ.get(REDIS_URL_ENV) or _REDIS_DEFAULT
+    server: LocalRedis | None = None
+    error = _redis_error(url)
+    if error is not None:
+        if os.environ.get(REDIS_URL_ENV):
+            pytest.fail(f"{REDIS_URL_ENV} is unreachable: {error}", pytrace=False)
+        server = LocalRedis(tmp_path_factory.mktemp("redis"))
+        try:
+            server.start()
+        except ServerUnavailable as exc:
+            unavailable(f"no Redis running and none can be started here: {exc}")
+        url = server.url
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            client.flushdb()
+        client.close()
+        if server is not None:
+            server.stop()
 
 
 # --- Kafka protocol (noida-db) ---------------------------------------------------------------

@@ -270,14 +270,16 @@ def test_broker_restart_mid_run_loses_nothing(
 
 
 @pytest.mark.slow
-def test_dev_runs_everything_and_ctrl_c_stops_everything(tmp_path: Path, model_repo: Path) -> None:
+def test_dev_runs_everything_and_ctrl_c_stops_everything(
+    tmp_path: Path, model_repo: Path, redis_url: str
+) -> None:
     api_port, kafka_port, metrics_port = free_port(), free_port(), free_port()
     env = dict(
         os.environ,
         INFERQ_MODEL_REPOSITORY=str(model_repo),
         INFERQ_WORKER_METRICS_PORT=str(metrics_port),
         INFERQ_CONTROL_METRICS_PORT=str(free_port()),
-        INFERQ_REDIS_URL=os.environ.get("INFERQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"),
+        INFERQ_REDIS_URL=redis_url,
         INFERQ_INFERENCE_THREADS="2",
         PYTHONUNBUFFERED="1",
     )

@@ -13,7 +13,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
 
 from jobstore.outbox import WebhookOutbox, webhook_id
 from jobstore.records import NewJob, Outcome, utcnow
@@ -24,21 +23,6 @@ from tests.procs import wait_for
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.redis
-
-REDIS_URL = os.environ.get("INFERQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis is unreachable at {REDIS_URL}: {exc}", pytrace=False)
-    client.flushdb()  # this session's own database number
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
 
 
 class Control:

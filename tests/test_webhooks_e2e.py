@@ -18,8 +18,6 @@ from jobstore.store import JobStore
 from schemas.jobs import JobStatus
 from tests.procs import Stack, wait_for
 from tests.test_e2e_kafka import stack as stack
-from tests.test_webhooks_celery import REDIS_URL
-from tests.test_webhooks_celery import redis_url as redis_url
 from tests.webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
@@ -31,7 +29,7 @@ def webhook_env(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> Iterator[str
     for name, value in {
         "INFERQ_WEBHOOK_SECRET": secret,
         "INFERQ_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-        "INFERQ_REDIS_URL": REDIS_URL,
+        "INFERQ_REDIS_URL": redis_url,
         "INFERQ_CONTROL_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
         "INFERQ_CONTROL_METRICS_PORT": "0",
         "INFERQ_WEBHOOK_DISPATCH_INTERVAL_S": "0.2",
