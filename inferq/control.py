@@ -15,12 +15,12 @@ from celery import Celery
 from prometheus_client import CollectorRegistry
 
 from inferq.settings import Settings
+from inferq.wiring import job_publisher, url_guard
 from jobstore.celery_app import ControlConfig, make_celery
 from jobstore.delivery import DeliveryConfig, RetryPolicy, parse_schedule
 from jobstore.signing import load_or_create_secret, parse_secrets
 from jobstore.sweeps import Republish
-from producers.ssrf import UrlGuard
-from schemas.envelope import JobEnvelope
+from schemas.envelope import STRUCTURED_CONTENT_TYPE, JobEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +32,25 @@ def webhook_secrets(settings: Settings) -> list[str]:
     return [load_or_create_secret(settings.data_dir / "webhook_secret")]
 
 
-def url_guard(settings: Settings) -> UrlGuard:
-    return UrlGuard.from_allowlist(
-        settings.webhook_allowed_hosts.split(","), max_length=settings.webhook_max_url_length
-    )
-
-
-def kafka_republish(settings: Settings) -> Republish | None:
-    """Publishes requeued jobs onto the jobs topic (None when no broker is configured)."""
-    if not settings.kafka_bootstrap:
+def bus_republish(settings: Settings) -> Republish | None:
+    """Publishes requeued jobs onto the jobs topic or queue of the configured transport
+    (None when Kafka is chosen but no broker is configured)."""
+    if settings.transport == "kafka" and not settings.kafka_bootstrap:
         return None
 
     def republish(envelopes: Sequence[JobEnvelope]) -> None:
-        from inferq.wiring import kafka_config
-        from transports.kafka import KafkaPublisher
-
         async def run() -> None:
-            publisher = KafkaPublisher(kafka_config(settings, client_id="inferq-control"))
+            publisher, destination, structured = job_publisher(settings, "inferq-control")
             await publisher.start()
             try:
                 for envelope in envelopes:
-                    headers, value = envelope.to_binary()
+                    if structured:  # SQS: the whole event as the body
+                        value = envelope.to_structured()
+                        headers = [("content-type", STRUCTURED_CONTENT_TYPE.encode())]
+                    else:
+                        headers, value = envelope.to_binary()
                     await publisher.publish(
-                        settings.kafka_topic, value, key=envelope.id.encode(), headers=headers
+                        destination, value, key=envelope.id.encode(), headers=headers
                     )
             finally:
                 await publisher.stop()
@@ -87,7 +83,7 @@ def control_config(
         sweep_interval_s=settings.sweep_interval_s,
         result_retention_s=settings.result_retention_s,
         job_max_attempts=settings.job_max_attempts,
-        republish=kafka_republish(settings),
+        republish=bus_republish(settings),
         beat_schedule_path=settings.data_dir / "celerybeat-schedule",
         queue=settings.control_queue,
         registry=registry or CollectorRegistry(),

@@ -19,13 +19,13 @@ from dlq.http import make_router
 from dlq.redrive import Redriver
 from dlq.router import DeadLetterRouter
 from dlq.store import DeadLetterStore
-from inferq.control import url_guard
 from inferq.settings import Settings
 from jobstore.errors import StoreUnavailable
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
 from producers.asyncapi import asyncapi_document
 from producers.autoscale import AutoscalePolicy
+from producers.ssrf import UrlGuard
 from schemas.contracts import ModelConfig
 from transports.base import Consumer, DepthProbe, Publisher, QueueDepth, TransportError
 from transports.kafka import KafkaConfig, KafkaConsumer, KafkaDepth, KafkaPublisher, ensure_topics
@@ -76,6 +76,23 @@ def open_store(settings: Settings) -> JobStore:
             store.create_schema()
             DeadLetterStore(store.engine).create_schema()
     return store
+
+
+def url_guard(settings: Settings) -> UrlGuard:
+    return UrlGuard.from_allowlist(
+        settings.webhook_allowed_hosts.split(","), max_length=settings.webhook_max_url_length
+    )
+
+
+def job_publisher(settings: Settings, client_id: str) -> tuple[Publisher, str, bool]:
+    """(publisher, jobs destination, structured events?) of the configured transport, for
+    roles that put jobs back on the bus (the control plane's requeue)."""
+    if settings.transport == "sqs":
+        from inferq.sqs_wiring import sqs_config
+        from transports.sqs import SqsPublisher
+
+        return SqsPublisher(sqs_config(settings)), settings.sqs_queue_name, True
+    return KafkaPublisher(kafka_config(settings, client_id)), settings.kafka_topic, False
 
 
 def model_configs(settings: Settings) -> list[ModelConfig]:
