@@ -104,8 +104,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_control(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from control.app import make_celery, worker_argv
     from inferq.control import control_config, local_broker_url, redis_reachable
-    from jobstore.celery_app import make_celery, worker_argv
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)

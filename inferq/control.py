@@ -14,12 +14,13 @@ from typing import Any
 from celery import Celery
 from prometheus_client import CollectorRegistry
 
+from control.app import make_celery
+from control.runtime import ControlConfig
+from control.sweeps import Republish
 from inferq.settings import Settings
 from inferq.wiring import job_publisher, url_guard
-from jobstore.celery_app import ControlConfig, make_celery
 from jobstore.delivery import DeliveryConfig, RetryPolicy, parse_schedule
 from jobstore.signing import load_or_create_secret, parse_secrets
-from jobstore.sweeps import Republish
 from schemas.envelope import STRUCTURED_CONTENT_TYPE, JobEnvelope
 
 log = logging.getLogger(__name__)

@@ -474,7 +474,7 @@ def test_helpers() -> None:
 
 
 def test_stale_running_jobs_are_republished_then_requeued(store: JobStore) -> None:
-    from jobstore import sweeps
+    from control import sweeps
     from schemas.envelope import decode_message
 
     store.create(_job("s", events=["job.failed"]))
@@ -494,7 +494,7 @@ def test_stale_running_jobs_are_republished_then_requeued(store: JobStore) -> No
 
 
 def test_purge_removes_old_finished_jobs_and_their_webhooks(store: JobStore) -> None:
-    from jobstore import sweeps
+    from control import sweeps
 
     store.create(_job("old"))
     _finish(store, "old")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from jobstore import sweeps
+from control import sweeps
+from control.names import TaskNames
+from control.runtime import ControlRuntime
 from jobstore.outbox import Claimed
 
 if TYPE_CHECKING:
     from celery import Celery
-
-    from jobstore.celery_app import ControlRuntime
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,14 @@ _MAX_ROUNDS = 10  # claim rounds per dispatch tick, so one tick cannot run forev
 
 
 def register(app: Celery, runtime: ControlRuntime) -> None:
-    from jobstore.celery_app import tasks_names
-
     config = runtime.config
 
-    @app.task(name=tasks_names.DELIVER, ignore_result=True)
+    @app.task(name=TaskNames.DELIVER, ignore_result=True)
     def deliver(delivery_id: str, token: str) -> str | None:
         outcome = runtime.deliverer.deliver(Claimed(delivery_id, token))
         return None if outcome is None else outcome.value
 
-    @app.task(name=tasks_names.DISPATCH, ignore_result=True)
+    @app.task(name=TaskNames.DISPATCH, ignore_result=True)
     def dispatch() -> int:
         outbox = runtime.outbox
         sent = 0
@@ -47,7 +45,7 @@ def register(app: Celery, runtime: ControlRuntime) -> None:
                 break
         return sent
 
-    @app.task(name=tasks_names.SWEEP, ignore_result=True)
+    @app.task(name=TaskNames.SWEEP, ignore_result=True)
     def sweep() -> dict[str, Any]:
         report = sweeps.run_all(
             runtime.store,

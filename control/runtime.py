@@ -1,21 +1,15 @@
-"""The Celery control plane: webhook delivery and periodic sweeps.
-
-``make_celery(config)`` builds an app from an explicit ``ControlConfig``; nothing is created at
-import time. ``inferq control`` builds one from the settings and runs its worker with the
-beat embedded; ``celery -A inferq.control`` finds the same app through a lazy attribute.
-"""
+"""What the control plane's tasks work with: its typed config, and the store, outbox and
+deliverer that each worker process opens on first use."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
-from celery import Celery
 from prometheus_client import CollectorRegistry
 
+from control.sweeps import Republish
 from jobstore.delivery import (
     Deliverer,
     DeliveryConfig,
@@ -27,7 +21,6 @@ from jobstore.delivery import (
 from jobstore.outbox import WebhookOutbox
 from jobstore.signing import WebhookSigner
 from jobstore.store import JobStore
-from jobstore.sweeps import Republish
 
 QUEUE = "inferq-control"
 
@@ -99,62 +92,3 @@ class ControlRuntime:
                 self._deliverer.client.close()
             if self._store is not None:
                 self._store.close()
-
-
-def make_celery(config: ControlConfig, *, name: str = "inferq-control") -> Celery:
-    from jobstore import tasks
-
-    app = Celery(name, broker=config.broker_url, set_as_current=False)
-    app.conf.update(
-        task_default_queue=config.queue,
-        task_ignore_result=True,
-        task_acks_late=True,  # a worker killed mid-task leaves the message to be redelivered
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=4,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=True,
-        task_serializer="json",
-        accept_content=["json"],
-        timezone="UTC",
-        beat_schedule=_beat_schedule(config),
-        beat_max_loop_interval=max(0.1, min(config.dispatch_interval_s, 5.0)),
-    )
-    if config.beat_schedule_path is not None:
-        app.conf.beat_schedule_filename = str(config.beat_schedule_path)
-    runtime = ControlRuntime(config)
-    tasks.register(app, runtime)
-    app.inferq_runtime = runtime
-    return app
-
-
-def _beat_schedule(config: ControlConfig) -> dict[str, dict[str, object]]:
-    dispatch = config.dispatch_interval_s
-    return {
-        "webhooks-dispatch": {
-            "task": tasks_names.DISPATCH,
-            "schedule": timedelta(seconds=dispatch),
-            # ticks that queued up while no worker ran are worthless: the next one does it all
-            "options": {"expires": max(dispatch * 4, 2.0)},
-        },
-        "sweeps": {
-            "task": tasks_names.SWEEP,
-            "schedule": timedelta(seconds=config.sweep_interval_s),
-            "options": {"expires": config.sweep_interval_s},
-        },
-    }
-
-
-class tasks_names:
-    DISPATCH = "inferq.webhooks.dispatch"
-    DELIVER = "inferq.webhooks.deliver"
-    SWEEP = "inferq.sweeps.run"
-
-
-def worker_argv(
-    *, concurrency: int = 8, beat: bool = True, loglevel: str = "INFO", extra: Sequence[str] = ()
-) -> list[str]:
-    """argv for ``app.worker_main``: a threads pool (delivery is I/O) and the embedded beat."""
-    argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency), "-l", loglevel]
-    if beat:
-        argv.append("-B")
-    return [*argv, *extra]
