@@ -25,10 +25,10 @@ from pathlib import Path
 import redis
 
 from jobstore.records import NewJob, Outcome
-from jobstore.signing import generate_secret
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
 from tests.webhook_receiver import Receiver
+from webhooks.signing import generate_secret
 
 
 def _finish(store: JobStore, url: str, ids: list[str]) -> dict[str, float]:

@@ -10,17 +10,17 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from control.sweeps import Republish
-from jobstore.delivery import (
+from jobstore.outbox import WebhookOutbox
+from jobstore.store import JobStore
+from webhooks.delivery import (
     Deliverer,
     DeliveryConfig,
-    RetryPolicy,
+    DeliverySchedule,
     UrlCheck,
     WebhookMetrics,
     new_client,
 )
-from jobstore.outbox import WebhookOutbox
-from jobstore.signing import WebhookSigner
-from jobstore.store import JobStore
+from webhooks.signing import WebhookSigner
 
 QUEUE = "inferq-control"
 
@@ -31,7 +31,7 @@ class ControlConfig:
     database_url: str
     webhook_secrets: tuple[str, ...]
     check_url: UrlCheck
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: DeliverySchedule = field(default_factory=DeliverySchedule)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     lease_s: float = 60.0  # a claimed delivery not settled by then is handed out again
     dispatch_interval_s: float = 0.5

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from jobstore.records import JobRecord, utcnow
+from jobstore.records import JobRecord, envelope_of, utcnow
 from jobstore.store import JobStore
-from schemas.envelope import JobEnvelope, new_envelope
-from schemas.jobs import JobRequest, WebhookSpec
+from schemas.envelope import JobEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +34,7 @@ class SweepReport:
 
 def envelope_for(record: JobRecord, source: str) -> JobEnvelope:
     """The bus event that runs ``record`` again (same id, same request)."""
-    ttl_s = None
-    if record.expires_at is not None:
-        ttl_s = max(1, int((record.expires_at - record.created_at).total_seconds()))
-    request = JobRequest(
-        model=record.model,
-        version=record.version,
-        input=record.input,
-        webhook=WebhookSpec.model_validate(record.webhook) if record.webhook else None,
-        priority=record.priority,
-        ttl_s=ttl_s,
-        metadata=record.metadata,
-    )
-    return new_envelope(record.id, request, source)
+    return envelope_of(record, source)
 
 
 def expire_queued(store: JobStore, now: datetime | None = None) -> int:

@@ -19,9 +19,9 @@ from control.runtime import ControlConfig
 from control.sweeps import Republish
 from inferq.settings import Settings
 from inferq.wiring import job_publisher, url_guard
-from jobstore.delivery import DeliveryConfig, RetryPolicy, parse_schedule
-from jobstore.signing import load_or_create_secret, parse_secrets
 from schemas.envelope import STRUCTURED_CONTENT_TYPE, JobEnvelope
+from webhooks.delivery import DeliveryConfig, DeliverySchedule, parse_schedule
+from webhooks.signing import load_or_create_secret, parse_secrets
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def control_config(
         database_url=settings.resolved_database_url,
         webhook_secrets=tuple(webhook_secrets(settings)),
         check_url=url_guard(settings),
-        retry=RetryPolicy(
+        retry=DeliverySchedule(
             schedule=parse_schedule(settings.webhook_retry_schedule),
             jitter=settings.webhook_retry_jitter,
         ),

@@ -25,10 +25,10 @@ from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
 from producers.asyncapi import asyncapi_document
 from producers.autoscale import AutoscalePolicy
-from producers.ssrf import UrlGuard
 from schemas.contracts import ModelConfig
 from transports.base import Consumer, DepthProbe, Publisher, QueueDepth, TransportError
 from transports.kafka import KafkaConfig, KafkaConsumer, KafkaDepth, KafkaPublisher, ensure_topics
+from webhooks.ssrf import UrlGuard
 from workers.adapters import LoadedModel, load_model
 from workers.loop import Worker, WorkerConfig
 from workers.metrics import WorkerMetrics

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.jobs import JobError, JobResource, JobStatus
+from schemas.envelope import JobEnvelope
+from schemas.jobs import JobError, JobRequest, JobResource, JobStatus, WebhookSpec
 
 
 def utcnow() -> datetime:
@@ -136,3 +137,29 @@ class Reschedule:
     retry_at: datetime
     error_code: str
     error_message: str
+
+
+# how a job row that was submitted with ``input_url`` keeps it in ``input``
+INPUT_URL_KEY = "$input_url"
+
+
+def envelope_of(record: JobRecord, default_source: str) -> JobEnvelope:
+    """The bus event that runs ``record`` again: the same id, source, time and request
+    (its ttl and its input or input_url), so a worker sees the request it was first given."""
+    ttl_s = None
+    if record.expires_at is not None:
+        ttl_s = max(1, round((record.expires_at - record.created_at).total_seconds()))
+    input_url = record.input.get(INPUT_URL_KEY) if len(record.input) == 1 else None
+    request = JobRequest(
+        model=record.model,
+        version=record.version,
+        input=None if isinstance(input_url, str) else record.input,
+        input_url=input_url if isinstance(input_url, str) else None,
+        webhook=WebhookSpec.model_validate(record.webhook) if record.webhook else None,
+        priority=record.priority,
+        ttl_s=ttl_s,
+        metadata=record.metadata,
+    )
+    return JobEnvelope(
+        id=record.id, source=record.source or default_source, time=record.created_at, data=request
+    )

@@ -32,8 +32,6 @@ from producers.errors import ApiError, install_handlers
 from producers.limits import BodySizeLimit
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
-from producers.ssrf import UrlGuard
-from producers.webhook_routes import check_webhook_url, webhook_router
 from schemas.contracts import (
     ADAPTER_INPUTS,
     ContractViolation,
@@ -54,6 +52,8 @@ from schemas.jobs import (
 )
 from transports.base import DepthProbe, Publisher, TransportError
 from transports.blobs import ClaimCheck
+from webhooks.routes import check_webhook_url, webhook_router
+from webhooks.ssrf import UrlGuard
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_WAIT_S = 60.0

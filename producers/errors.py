@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.errors import ErrorCode, ErrorDetail, ErrorResponse
+from schemas.errors import ApiError, ErrorCode, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: ErrorCode,
-        message: str,
-        *,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = ErrorDetail(code=code, message=message, field=field, details=details)
-        self.headers = headers
+__all__ = ["ApiError", "error_response", "install_handlers"]
 
 
 def error_response(

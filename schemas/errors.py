@@ -76,3 +76,26 @@ class ErrorResponse(BaseModel):
     errors: list[ErrorDetail] | None = Field(
         default=None, description="All problems found, when there is more than one."
     )
+
+
+class ApiError(Exception):
+    """An error a client sees: its HTTP status, the error object, extra headers.
+
+    The root of every client-facing error; route modules in any package raise it and the
+    API's handlers render it (``producers.errors``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(code=code, message=message, field=field, details=details)
+        self.headers = headers

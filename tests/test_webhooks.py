@@ -15,20 +15,9 @@ from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook
 
 import jobstore.store as store_module
-from jobstore.delivery import (
-    Deliverer,
-    DeliveryConfig,
-    RetryPolicy,
-    WebhookMetrics,
-    new_client,
-    parse_retry_after,
-    parse_schedule,
-)
 from jobstore.outbox import WebhookOutbox, webhook_id
 from jobstore.records import NewJob, Outcome, utcnow
-from jobstore.signing import SecretError, WebhookSigner, generate_secret, load_or_create_secret
 from jobstore.store import JobStore
-from producers.ssrf import UrlGuard, WebhookUrlError
 from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
 from schemas.webhooks import DeliveryStatus, WebhookPayload
@@ -36,6 +25,17 @@ from tests.test_api import Api
 from tests.test_api import api as api
 from tests.test_jobstore import store as store
 from tests.webhook_receiver import Receiver, closed_port
+from webhooks.delivery import (
+    Deliverer,
+    DeliveryConfig,
+    DeliverySchedule,
+    WebhookMetrics,
+    new_client,
+    parse_retry_after,
+    parse_schedule,
+)
+from webhooks.signing import SecretError, WebhookSigner, generate_secret, load_or_create_secret
+from webhooks.ssrf import UrlGuard, WebhookUrlError
 
 SECRET = generate_secret()
 LOOPBACK = UrlGuard.from_allowlist(["127.0.0.1"])
@@ -300,7 +300,7 @@ def deliverer(store: JobStore) -> Iterator[Deliverer]:
     d = Deliverer(
         outbox=_outbox(store),
         signer_keys=lambda: signer,
-        policy=RetryPolicy(schedule=(0, 10, 10), jitter=0),
+        policy=DeliverySchedule(schedule=(0, 10, 10), jitter=0),
         config=FAST,
         check_url=LOOPBACK,
         metrics=WebhookMetrics(CollectorRegistry()),
@@ -405,7 +405,7 @@ def test_schedule_runs_out_into_failed(store, receiver_factory) -> None:
     d = Deliverer(
         outbox=_outbox(store),
         signer_keys=lambda: signer,
-        policy=RetryPolicy(schedule=(0, 0, 0), jitter=0),
+        policy=DeliverySchedule(schedule=(0, 0, 0), jitter=0),
         config=FAST,
         check_url=LOOPBACK,
         metrics=WebhookMetrics(CollectorRegistry()),
@@ -430,7 +430,7 @@ def test_url_rechecked_at_delivery(store, receiver_factory) -> None:
     d = Deliverer(
         outbox=_outbox(store),
         signer_keys=lambda: signer,
-        policy=RetryPolicy(schedule=(0, 10), jitter=0),
+        policy=DeliverySchedule(schedule=(0, 10), jitter=0),
         config=FAST,
         check_url=UrlGuard(),  # no allowlist: loopback refused at send time
         metrics=WebhookMetrics(CollectorRegistry()),
@@ -448,8 +448,8 @@ def test_helpers() -> None:
         parse_schedule("")
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after("soon") is None
-    assert RetryPolicy(schedule=(0, 5)).next_delay(2) is None
-    delay = RetryPolicy(schedule=(0, 100), jitter=0.1).next_delay(1)
+    assert DeliverySchedule(schedule=(0, 5)).next_delay(2) is None
+    delay = DeliverySchedule(schedule=(0, 100), jitter=0.1).next_delay(1)
     assert delay is not None and 90 <= delay <= 110
     assert (
         json.loads(

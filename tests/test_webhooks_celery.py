@@ -16,11 +16,11 @@ import pytest
 
 from jobstore.outbox import WebhookOutbox, webhook_id
 from jobstore.records import NewJob, Outcome, utcnow
-from jobstore.signing import generate_secret
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
 from tests.procs import wait_for
 from tests.webhook_receiver import Receiver
+from webhooks.signing import generate_secret
 
 pytestmark = pytest.mark.redis
 

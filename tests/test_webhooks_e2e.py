@@ -13,12 +13,12 @@ import pytest
 
 from jobstore.outbox import webhook_id
 from jobstore.records import NewJob
-from jobstore.signing import generate_secret
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
 from tests.procs import Stack, wait_for
 from tests.test_e2e_kafka import stack as stack
 from tests.webhook_receiver import Receiver
+from webhooks.signing import generate_secret
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from jobstore.records import JobRecord
+from jobstore.records import JobRecord, envelope_of
 from jobstore.store import JobStore
 from schemas.envelope import JobEnvelope
 from schemas.errors import ErrorCode
-from schemas.jobs import JobRequest, WebhookSpec
 from transports.base import Publisher
 
 log = logging.getLogger(__name__)
@@ -66,17 +65,7 @@ class RetryPolicy:
 
 def envelope_for(record: JobRecord, source: str) -> JobEnvelope:
     """The bus event of a job, rebuilt from its row (for retries and redrives)."""
-    request = JobRequest(
-        model=record.model,
-        version=record.version,
-        input=record.input,
-        webhook=WebhookSpec.model_validate(record.webhook) if record.webhook else None,
-        priority=record.priority,
-        metadata=record.metadata,
-    )
-    return JobEnvelope(
-        id=record.id, source=record.source or source, time=record.created_at, data=request
-    )
+    return envelope_of(record, source)
 
 
 class RetryPump:

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from jobstore.outbox import AttemptResult, Claimed, WebhookOutbox
 from jobstore.records import utcnow
-from jobstore.signing import WebhookSigner
 from schemas.webhooks import DeliveryStatus
+from webhooks.signing import WebhookSigner
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ UrlCheck = Callable[[str], object]  # raises ValueError when the URL may not be 
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class DeliverySchedule:
     """``schedule[n]`` is the wait before attempt n+1; its length is the attempt limit."""
 
     schedule: tuple[float, ...] = DEFAULT_SCHEDULE
@@ -85,7 +85,7 @@ class WebhookMetrics:
 class Deliverer:
     outbox: WebhookOutbox
     signer_keys: Callable[[], WebhookSigner]
-    policy: RetryPolicy
+    policy: DeliverySchedule
     config: DeliveryConfig
     check_url: UrlCheck
     metrics: WebhookMetrics

@@ -10,11 +10,10 @@ from prometheus_client import Counter
 
 from jobstore.outbox import WebhookOutbox
 from jobstore.store import JobStore
-from producers.errors import ApiError
-from producers.ssrf import UrlGuard, WebhookUrlError
-from schemas.errors import ErrorCode, ErrorResponse
+from schemas.errors import ApiError, ErrorCode, ErrorResponse
 from schemas.jobs import WebhookEvent
 from schemas.webhooks import WebhookDeliveryList
+from webhooks.ssrf import UrlGuard, WebhookUrlError
 
 RESOLVE_TIMEOUT_S = 5.0
 _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (404, 409)}
