@@ -27,7 +27,7 @@ import redis
 from jobstore.records import NewJob, Outcome
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
-from tests.webhook_receiver import Receiver
+from webhooks.receiver import Receiver
 from webhooks.signing import generate_secret
 
 

@@ -503,3 +503,41 @@ def test_purge_removes_old_finished_jobs_and_their_webhooks(store: JobStore) -> 
     assert sweeps.purge_finished(store, 3600, now=utcnow() + timedelta(hours=2)) == 1
     assert store.get("old") is None and _outbox(store).for_job("old") == []
     assert store.get("running") is not None
+
+
+def test_our_verifier_accepts_what_we_sign_and_refuses_tampering_and_replays() -> None:
+    from webhooks.signing import SignatureError, WebhookSigner, generate_secret
+
+    old, new = generate_secret(), generate_secret()
+    sender = WebhookSigner.from_secrets([new, old])
+    body, now = b'{"type": "job.succeeded"}', 1_700_000_000
+    headers = sender.headers("msg_1", now, body)
+    WebhookSigner.from_secrets([old]).verify(body, headers, now=now)  # during a rotation
+    WebhookSigner.from_secrets([new]).verify(body, headers, now=now + 299)
+    with pytest.raises(SignatureError):
+        sender.verify(body + b" ", headers, now=now)
+    with pytest.raises(SignatureError):
+        sender.verify(body, {**headers, "webhook-id": "msg_2"}, now=now)
+    with pytest.raises(SignatureError):
+        sender.verify(body, headers, now=now + 301)  # a replay, too late
+    with pytest.raises(SignatureError):
+        WebhookSigner.from_secrets([generate_secret()]).verify(body, headers, now=now)
+    with pytest.raises(SignatureError):
+        sender.verify(body, {"webhook-id": "msg_1"}, now=now)
+
+
+def test_the_packaged_receiver_verifies_with_our_signer() -> None:
+    import json as _json
+
+    from webhooks.receiver import receiver
+    from webhooks.signing import WebhookSigner, generate_secret
+
+    secret = generate_secret()
+    body = _json.dumps({"type": "job.succeeded", "data": {"id": "j1"}}).encode()
+    headers = WebhookSigner.from_secrets([secret]).headers("msg_1", int(time.time()), body)
+    with receiver(secret) as r:
+        assert httpx.post(r.url, content=body, headers=headers).status_code == 200
+        forged = {**headers, "webhook-signature": "v1,AAAA"}
+        assert httpx.post(r.url, content=body, headers=forged).status_code == 400
+    assert [(x.msg_id, x.job_id) for x in r.received] == [("msg_1", "j1")]
+    assert len(r.rejected) == 1

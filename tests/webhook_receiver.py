@@ -1,145 +1,25 @@
-"""A real HTTP webhook receiver on loopback that verifies every delivery (standardwebhooks)."""
+"""The package's webhook receiver, verifying with the Standard Webhooks library instead of our
+own signer: a test must not trust inferq to check inferq's signatures."""
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from dataclasses import dataclass
 
 from standardwebhooks.webhooks import Webhook
 
+from webhooks.receiver import Received, closed_port
+from webhooks.receiver import Receiver as _Receiver
 
-@dataclass
-class Received:
-    msg_id: str
-    event: str
-    job_id: str
-    at: float  # time.time() on arrival
+__all__ = ["Received", "Receiver", "closed_port", "receiver"]
 
 
 @dataclass
-class Receiver:
-    """``mode``: ok | fail | hang | garbage | redirect | huge | gone | slow | retry_after."""
-
-    secret: str
-    port: int = 0
-    mode: str = "ok"
-    hang_s: float = 5.0
-    received: list[Received] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)  # signature failures
-    requests: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    _server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    def start(self) -> None:
-        receiver = self
-        verifier = Webhook(self.secret)
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length", "0"))
-                body = self.rfile.read(length)
-                with receiver.lock:
-                    receiver.requests += 1
-                mode = receiver.mode
-                if mode == "garbage":
-                    self.wfile.write(b"\x00\x01 this is not HTTP at all\r\n\r\n")
-                    self.close_connection = True
-                    return
-                if mode == "hang":
-                    time.sleep(receiver.hang_s)
-                    self.close_connection = True
-                    return
-                if mode == "slow":
-                    time.sleep(receiver.hang_s)
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                try:
-                    verifier.verify(body, headers)
-                except Exception as exc:
-                    with receiver.lock:
-                        receiver.rejected.append(repr(exc))
-                    self._answer(400, b"bad signature")
-                    return
-                if mode == "fail":
-                    self._answer(503, b"down")
-                    return
-                if mode == "retry_after":
-                    self._answer(429, b"slow down", {"Retry-After": "1"})
-                    return
-                if mode == "gone":
-                    self._answer(410, b"gone")
-                    return
-                if mode == "redirect":
-                    self._answer(302, b"", {"Location": receiver.url})
-                    return
-                payload = json.loads(body)
-                with receiver.lock:
-                    receiver.received.append(
-                        Received(
-                            headers["webhook-id"],
-                            payload["type"],
-                            payload["data"]["id"],
-                            time.time(),
-                        )
-                    )
-                if mode == "huge":
-                    chunk = b"x" * 65536
-                    self.send_response(200)
-                    self.send_header("content-length", str(len(chunk) * 1600))  # 100 MiB
-                    self.end_headers()
-                    try:
-                        for _ in range(1600):
-                            self.wfile.write(chunk)
-                    except OSError:
-                        pass  # the sender stopped reading, as it should
-                    self.close_connection = True
-                    return
-                self._answer(200, b"ok")
-
-            def _answer(
-                self, code: int, body: bytes, headers: dict[str, str] | None = None
-            ) -> None:
-                self.send_response(code)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
-        server.allow_reuse_address = True
-        self.port = server.server_address[1]
-        self._server = server
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def ids_by_job(self) -> dict[str, set[str]]:
-        with self.lock:
-            out: dict[str, set[str]] = {}
-            for r in self.received:
-                out.setdefault(r.job_id, set()).add(r.msg_id)
-            return out
+class Receiver(_Receiver):
+    def __post_init__(self) -> None:
+        if self.verifier is None:
+            self.verifier = Webhook(self.secret).verify
 
 
 @contextmanager
@@ -150,9 +30,3 @@ def receiver(secret: str, mode: str = "ok") -> Iterator[Receiver]:
         yield r
     finally:
         r.stop()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ _KEY_BYTES = 32
 
 class SecretError(ValueError):
     """A webhook secret that is not ``whsec_`` followed by base64."""
+
+
+class SignatureError(ValueError):
+    """A delivery whose signature, id or timestamp does not verify."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,29 @@ class WebhookSigner:
             "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
             for key in self.keys
         )
+
+    def verify(
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        tolerance_s: float = 300.0,
+        now: float | None = None,
+    ) -> None:
+        """The receiving side: raise SignatureError unless one ``v1`` signature matches one of
+        the keys and the timestamp is within ``tolerance_s`` (replay protection)."""
+        try:
+            msg_id = headers["webhook-id"]
+            timestamp = int(headers["webhook-timestamp"])
+            offered = headers["webhook-signature"].split()
+        except (KeyError, ValueError) as exc:
+            raise SignatureError(f"missing or malformed webhook header: {exc}") from exc
+        current = time.time() if now is None else now
+        if abs(current - timestamp) > tolerance_s:
+            raise SignatureError("webhook-timestamp is outside the tolerance")
+        expected = self.signature(msg_id, timestamp, body).split()
+        if not any(hmac.compare_digest(o, e) for o in offered for e in expected):
+            raise SignatureError("no signature matches")
 
     def headers(self, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
         return {
