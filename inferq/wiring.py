@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -26,7 +26,7 @@ from producers.app import ApiConfig, ApiDeps, create_app
 from producers.asyncapi import asyncapi_document
 from producers.autoscale import AutoscalePolicy
 from schemas.contracts import ModelConfig
-from transports.base import Consumer, DepthProbe, Publisher, QueueDepth, TransportError
+from transports.base import Consumer, DepthProbe, Publisher, TransportError
 from transports.kafka import KafkaConfig, KafkaConsumer, KafkaDepth, KafkaPublisher, ensure_topics
 from webhooks.ssrf import UrlGuard
 from workers.adapters import LoadedModel, load_model
@@ -244,15 +244,7 @@ async def run_worker(
     return worker
 
 
-class _Startable(Protocol):
-    async def depth(self) -> QueueDepth: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
-async def _worker_bus(settings: Settings, wid: str) -> tuple[Consumer, Publisher, _Startable, str]:
+async def _worker_bus(settings: Settings, wid: str) -> tuple[Consumer, Publisher, DepthProbe, str]:
     """(consumer, dead-letter publisher, depth probe, dead-letter destination)."""
     if settings.transport == "sqs":
         from inferq.sqs_wiring import QueueSetupError, prepare_queues, sqs_config

@@ -139,15 +139,13 @@ def create_app(deps: ApiDeps) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if deps.manage_publisher:
             await deps.publisher.start()
-        probe_start = getattr(deps.depth, "start", None)
-        if probe_start is not None:  # a long-lived probe keeps its connections
-            await probe_start()
+        if deps.depth is not None:
+            await deps.depth.start()
         try:
             yield
         finally:
-            probe_stop = getattr(deps.depth, "stop", None)
-            if probe_stop is not None:
-                await probe_stop()
+            if deps.depth is not None:
+                await deps.depth.stop()
             if deps.manage_publisher:
                 await deps.publisher.stop()
 

@@ -85,4 +85,10 @@ class Redelivering(Protocol):
 
 @runtime_checkable
 class DepthProbe(Protocol):
+    """Backlog of a topic or queue. Started once and kept: its connections are reused."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
     async def depth(self) -> QueueDepth: ...
