@@ -23,7 +23,7 @@ from inferq.settings import Settings
 from jobstore.errors import StoreUnavailable
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
-from producers.asyncapi import asyncapi_document
+from producers.asyncapi import asyncapi_document, sqs_asyncapi_document
 from producers.autoscale import AutoscalePolicy
 from schemas.contracts import ModelConfig
 from transports.base import Consumer, DepthProbe, Publisher, TransportError
@@ -115,7 +115,8 @@ def _api_bus(
 
         sqs = sqs_config(settings)
         queue = settings.sqs_queue_name
-        return SqsPublisher(sqs), queue, None, SqsDepth(sqs, queue)
+        doc = sqs_asyncapi_document(queue, settings.sqs_dlq, settings.aws_endpoint_url)
+        return SqsPublisher(sqs), queue, doc, SqsDepth(sqs, queue)
     config = kafka_config(settings, client_id="inferq-api")
     doc = asyncapi_document(
         settings.kafka_bootstrap or "",
