@@ -28,6 +28,7 @@ from jobstore.records import JobRecord, NewJob
 from jobstore.store import JobStore
 from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
+from producers.docs import install_offline_docs
 from producers.errors import ApiError, install_handlers
 from producers.limits import BodySizeLimit
 from producers.metrics import ApiMetrics
@@ -154,7 +155,9 @@ def create_app(deps: ApiDeps) -> FastAPI:
         version="0.1.0",
         description="Asynchronous ML inference jobs: submit, poll or wait, get results.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package's own assets: no CDN, works offline
     )
+    install_offline_docs(app)
     app.state.inferq = state
     install_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=deps.config.max_body_bytes)
