@@ -119,7 +119,6 @@ class Supervisor:
             if child.restart_at is not None and now >= child.restart_at:
                 child.restart_at = None
                 self._spawn(child)
-                log.warning("restarted %s (restart #%d)", child.role.name, child.restarts)
 
     def _exited(self, child: _Child, process: subprocess.Popen[bytes], now: float) -> None:
         name, b = child.role.name, self.backoff
@@ -142,17 +141,17 @@ class Supervisor:
             if not child.crash_loop:
                 child.crash_loop = True
                 log.error(
-                    "CRASH LOOP: %s: %d restarts within %.0fs; retrying every %.0fs; "
+                    "CRASH LOOP: %s: %d restarts within %gs; retrying every %gs; "
                     "its own output above says why",
                     name,
                     len(child.recent),
                     b.loop_window_s,
                     delay,
                 )
-            log.error("%s; still crash-looping: restart #%d in %.1fs", why, child.restarts, delay)
+            log.error("%s; still crash-looping: restart #%d in %gs", why, child.restarts, delay)
         else:
             delay = b.delay(child.streak)
-            log.warning("%s; restart #%d in %.1fs", why, child.restarts, delay)
+            log.warning("%s; restart #%d in %gs", why, child.restarts, delay)
         child.restart_at = now + delay
 
     def _spawn(self, child: _Child) -> None:
@@ -161,7 +160,8 @@ class Supervisor:
             list(child.role.argv), env=dict(child.role.env), start_new_session=True
         )
         child.started_at = self._clock()
-        log.info("started %s (pid %d)", child.role.name, child.process.pid)
+        again = f", restart #{child.restarts}" if child.restarts else ""
+        log.info("started %s (pid %d%s)", child.role.name, child.process.pid, again)
 
     def stop(self, timeout_s: float = 20.0, force: Callable[[], bool] = lambda: False) -> None:
         """SIGTERM stage by stage, each waited for (SIGKILL past ``timeout_s`` or on ``force``)."""

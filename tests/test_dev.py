@@ -67,7 +67,7 @@ class Dev:
 
     def pid(self, role: str) -> int:
         """The pid of the latest start of ``role``, as dev logs it."""
-        pids = re.findall(rf"started {re.escape(role)} \(pid (\d+)\)", self.out())
+        pids = re.findall(rf"started {re.escape(role)} \(pid (\d+)", self.out())
         assert pids, f"no 'started {role}' line\n{self.out()}"
         return int(pids[-1])
 
