@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    dev = sub.add_parser("dev", help="run broker, API and workers together, embedded")
+    dev = sub.add_parser("dev", help="local broker, API, workers, control plane, supervised")
     # ports: unset = the default, or a free one when the default is taken (the banner says)
     dev.add_argument("--port", type=int, help="API port (default 8000)")
     dev.add_argument("--kafka-port", type=int, help="embedded broker port (default 19092)")

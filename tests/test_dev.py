@@ -61,7 +61,7 @@ class Dev:
     def wait_ready(self) -> None:
         def ready() -> bool:
             assert self.proc.poll() is None, f"inferq dev exited\n{self.out()}"
-            return "ready" in self.out()
+            return "[inferq dev] ready" in self.out()
 
         wait_for(ready, 120, "inferq dev", interval=0.2)
 
