@@ -158,13 +158,19 @@ def test_dev_restarts_crashed_roles_and_ctrl_c_stops_the_broker_last(
         wait_for(lambda: dev.pid("api") != api_pid and _healthy(api), 60, "the API's restart", 0.2)
         assert re.search(r"WARNING .*api .*SIGKILL.*restart #1", dev.out()), dev.out()
         _job_succeeds(api, 3.0)
+
+        # the local broker too: same port and data dir, the roles reconnect
+        broker = int(re.findall(r"noida-db started, pid (\d+)", dev.out())[-1])
+        os.kill(broker, signal.SIGKILL)
+        wait_for(lambda: "the local broker restarted" in dev.out(), 60, "the broker's restart")
+        _job_succeeds(api, 5.0)
         assert dev.proc.poll() is None
 
         out = dev.ctrl_c()
         ports = {"api": api_port, "kafka": kafka_port, "worker metrics": metrics_port}
         ports["control metrics"] = control_port
         assert _listening(ports) == [], out
-        assert "Traceback" not in out, out
+        assert "Traceback" not in out[out.index("[inferq dev] stopping") :], out
         order = [out.index(f"stopped {name}") for name in ("api", "worker-0", "control")]
         order.append(out.index("stopped the local broker"))
         assert order == sorted(order), out

@@ -129,6 +129,7 @@ def test_a_stuck_role_is_killed(how: str, caplog: pytest.LogCaptureFixture) -> N
     )
 
 
+@pytest.mark.slow  # imports the whole stack
 def test_dev_refuses_a_busy_port_it_was_given(tmp_path: Path, model_repo: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
