@@ -61,6 +61,9 @@ class _LocalServer(Protocol):
     def running(self) -> bool: ...
 
     @property
+    def pid(self) -> int | None: ...
+
+    @property
     def log_path(self) -> Path: ...
 
     def start(self) -> None: ...
@@ -341,6 +344,7 @@ def _run(settings: Settings, options: DevOptions, signals: dict[str, bool]) -> i
         except Exception as exc:
             _say(f"{bus.what} did not start: {exc}")
             return 2
+        log.info("started %s (pid %s)", bus.what, bus.server.pid)
     sup = Supervisor(roles, options.backoff)
     code = 0
     try:
@@ -393,7 +397,7 @@ def _supervise(
                 server.stop()
                 server.start()
                 bus.prepare()
-                log.warning("%s restarted", bus.what)
+                log.warning("%s restarted (pid %s)", bus.what, server.pid)
             except Exception as exc:
                 log.error("%s did not restart: %s; next try in 10s", bus.what, exc)
                 server_retry_at = time.monotonic() + 10

@@ -4,6 +4,7 @@ roles before the local server, every port free afterwards and no traceback in th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -82,9 +83,13 @@ class Dev:
         return self.out()
 
     def kill(self) -> None:
+        """After a failed test: dev and everything it logged starting (own sessions each)."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        for pid in re.findall(r"started .*?\(pid (\d+)", self.out()):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid), signal.SIGKILL)
 
 
 def _env(model_repo: Path, redis_url: str, **extra: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from inferq.supervisor import Backoff, Role, Supervisor
+from tests.procs import wait_for
 
 FAST = Backoff(
     initial_s=0.05, factor=2, max_s=0.2, stable_s=30, loop_restarts=4, loop_window_s=30,
@@ -148,3 +149,40 @@ def test_dev_refuses_a_busy_port_it_was_given(tmp_path: Path, model_repo: Path) 
     assert f"port {port} for the Kafka broker is in use" in result.stdout, result
     assert "--kafka-port" in result.stdout
     assert not (tmp_path / "kafka").exists(), "a broker was started anyway"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # exited; nobody may reap it in a container
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_roles_do_not_outlive_a_killed_dev(tmp_path: Path) -> None:
+    parent = (
+        "import os, sys, time\n"
+        "from inferq.supervisor import Role, Supervisor\n"
+        "sleeper = (sys.executable, '-c', 'import time; time.sleep(60)')\n"
+        "sup = Supervisor([Role('sleeper', sleeper, dict(os.environ), 0)])\n"
+        "sup.start_all()\n"
+        "print(sup.pids()['sleeper'], flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        assert not _gone(child)
+        proc.kill()  # kill -9: dev gets no chance to stop anything
+        proc.wait()
+        wait_for(lambda: _gone(child), 10, "the orphaned role to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
