@@ -124,34 +124,41 @@ class Supervisor:
     def crash_looping(self) -> list[str]:
         return [c.role.name for c in self._children if c.crash_loop]
 
-    def exited(self, name: str) -> bool:
-        """Whether ``name`` is down right now (crashed, waiting for its restart)."""
-        for c in self._children:
-            if c.role.name == name:
-                return c.process is None or c.process.poll() is not None
-        raise KeyError(name)
-
     def poll(self) -> None:
         """Notice exits, schedule restarts, perform the restarts that are due."""
-        now = self._clock()
+        now, b = self._clock(), self.backoff
         for child in self._children:
             process = child.process
             if process is not None and process.poll() is not None:
                 self._exited(child, process, now)
+            elif process is not None and child.streak and now - child.started_at >= b.stable_s:
+                self._recovered(child, now - child.started_at)
             if child.restart_at is not None and now >= child.restart_at:
                 child.restart_at = None
-                self._spawn(child)
+                try:
+                    self._spawn(child)
+                except OSError as exc:  # the interpreter gone, out of processes: keep trying
+                    name, retry = child.role.name, b.loop_retry_s
+                    log.error("cannot restart %s: %s; next try in %gs", name, exc, retry)
+                    child.restart_at = now + b.loop_retry_s
+
+    def _recovered(self, child: _Child, ran_s: float) -> None:
+        """A restarted child that has run ``stable_s``: its streak (and crash loop) is over."""
+        child.streak = 0
+        child.recent.clear()
+        if child.crash_loop:
+            child.crash_loop = False
+            name = child.role.name
+            log.warning(
+                "%s has run %.0fs since its restart: no longer in a crash loop", name, ran_s
+            )
 
     def _exited(self, child: _Child, process: subprocess.Popen[bytes], now: float) -> None:
         name, b = child.role.name, self.backoff
         ran_s = now - child.started_at
         child.process = None
         if ran_s >= b.stable_s:
-            child.streak = 0
-            child.recent.clear()
-            if child.crash_loop:
-                child.crash_loop = False
-                log.warning("%s had run %.0fs: no longer in a crash loop", name, ran_s)
+            self._recovered(child, ran_s)
         child.restarts += 1
         child.streak += 1
         child.recent.append(now)

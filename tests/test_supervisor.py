@@ -64,6 +64,32 @@ def test_a_crashing_role_is_restarted_with_backoff_then_reported_as_a_crash_loop
     assert sup.crash_looping() == ["crasher"]
 
 
+def test_a_role_that_recovers_leaves_the_crash_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="inferq.dev")
+    starts = tmp_path / "starts"
+    # crashes on its first 5 starts (say, until a fix is saved), then keeps running
+    code = (
+        "import pathlib, sys, time\n"
+        f"p = pathlib.Path({str(starts)!r})\n"
+        "n = len(p.read_text()) if p.exists() else 0\n"
+        "p.write_text('x' * (n + 1))\n"
+        "sys.exit(1) if n < 5 else time.sleep(60)\n"
+    )
+    backoff = Backoff(initial_s=0.05, max_s=0.1, stable_s=0.5, loop_restarts=3, loop_retry_s=0.1)
+    sup = Supervisor([Role("flaky", _python(code), {}, 0)], backoff)
+    sup.start_all()
+    try:
+        _run_until(sup, lambda: sup.crash_looping() == ["flaky"], 20)
+        _run_until(sup, lambda: sup.restarts()["flaky"] == 5 and sup.crash_looping() == [], 20)
+        assert "flaky" in sup.pids()
+    finally:
+        sup.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("flaky has run" in m and "no longer in a crash loop" in m for m in messages)
+
+
 def test_a_killed_role_is_reported_by_signal_and_comes_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
