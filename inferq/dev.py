@@ -1,39 +1,85 @@
-"""`inferq dev`: the embedded all-in-one supervisor.
+"""`inferq dev`: the embedded all-in-one, on Kafka (noida-db) or SQS (moto_server).
 
-It starts a Kafka-protocol broker (noida-db, data kept in the data dir), the API and the
-worker pool as child processes, shows where they listen, and stops them all on Ctrl-C. A
-child that dies is reported and takes the whole group down: nothing restarts silently.
+It starts the local server (unless INFERQ_KAFKA_BOOTSTRAP / AWS_ENDPOINT_URL name one) in a
+process group of its own, so that Ctrl-C reaches only dev; then the API, the workers and the
+control plane as supervised children (inferq/supervisor.py: restarts with backoff, crash loops
+reported). Every port falls back to a free one when its default is taken; the banner shows
+them all. Ctrl-C or SIGTERM stops the API, then the workers, then the control plane, and the
+local server last, so nothing shuts down against a dead broker. A second Ctrl-C kills.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
-import subprocess
+import socket
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from inferq.settings import Settings
+from inferq.supervisor import Backoff, Role, Supervisor
+
+log = logging.getLogger("inferq.dev")
+
+DEFAULT_API_PORT = 8000
+DEFAULT_KAFKA_PORT = 19092
+DEFAULT_AWS_PORT = 15000
+_LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @dataclass(frozen=True)
 class DevOptions:
-    port: int = 8000
-    kafka_port: int = 19092
+    """A port given here (from the command line) is required; None means the default, or a
+    free port when the default is taken."""
+
+    port: int | None = None
+    kafka_port: int | None = None
     workers: int = 1
     transport: str = "kafka"
     build_models: bool = True
-    aws_port: int = 15000  # the local moto_server, when AWS_ENDPOINT_URL is not set
+    aws_port: int | None = None  # the local moto_server, when AWS_ENDPOINT_URL is not set
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+class DevError(Exception):
+    """dev cannot start as asked; the message says what to change."""
+
+
+class _LocalServer(Protocol):
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
+class _Bus:
+    """What the chosen transport contributes: its local server, the roles' environment."""
+
+    what: str  # "the local broker", for the log
+    server: _LocalServer | None
+    env: dict[str, str]
+    banner: list[str]
+    prepare: Callable[[], None]  # topics or queues; again after a local server restart
 
 
 def _say(message: str) -> None:
@@ -60,34 +106,37 @@ def _ensure_models(settings: Settings, build: bool) -> bool:
     return True
 
 
-def _wait_http(url: str, timeout_s: float, children: list[Child]) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(c.process.poll() is not None for c in children):
-            return False
+class _Ports:
+    """Ports for everything dev opens, checked free now (a child binds it moments later)."""
+
+    def __init__(self) -> None:
+        self._chosen: set[int] = set()
+
+    def pick(self, what: str, preferred: int, *, required: str | None = None) -> int:
+        """``required``: the flag that asked for ``preferred``, which then must be free."""
+        if preferred and preferred not in self._chosen and _free(preferred):
+            self._chosen.add(preferred)
+            return preferred
+        if required is not None:
+            raise DevError(f"port {preferred} for {what} is in use; choose another with {required}")
+        port = preferred
+        while port in self._chosen or not _free(port):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+        log.warning("port %d for %s is taken; using %d", preferred, what, port)
+        self._chosen.add(port)
+        return port
+
+
+def _free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return True
+            sock.bind((host, port))
         except OSError:
-            pass
-        time.sleep(0.2)
-    return False
-
-
-def _stop(children: list[Child], timeout_s: float = 15.0) -> None:
-    for child in children:
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        remaining = max(deadline - time.monotonic(), 0.1)
-        try:
-            child.process.wait(remaining)
-        except subprocess.TimeoutExpired:
-            _say(f"{child.name} did not stop in time; killing pid {child.process.pid}")
-            child.process.kill()
-            child.process.wait()
+            return False
+    return True
 
 
 def control_broker(settings: Settings) -> str:
@@ -102,118 +151,258 @@ def control_broker(settings: Settings) -> str:
     return url
 
 
-def run_dev(settings: Settings, options: DevOptions) -> int:
+def _kafka_bus(settings: Settings, options: DevOptions, ports: _Ports) -> _Bus:
+    from inferq.wiring import kafka_config
     from transports.broker import EmbeddedKafka
+    from transports.kafka import ensure_topics
 
+    server: EmbeddedKafka | None = None
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        port = ports.pick(
+            "the Kafka broker",
+            options.kafka_port or DEFAULT_KAFKA_PORT,
+            required=None if options.kafka_port is None else "--kafka-port",
+        )
+        server = EmbeddedKafka(settings.data_dir / "kafka", port)
+        bootstrap = server.bootstrap
+    resolved = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+
+    def prepare() -> None:
+        topics = {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
+        asyncio.run(ensure_topics(kafka_config(resolved, "dev"), topics))
+
+    where = "local noida-db" if server is not None else "external"
+    return _Bus(
+        what="the local broker",
+        server=server,
+        env={"INFERQ_TRANSPORT": "kafka", "INFERQ_KAFKA_BOOTSTRAP": bootstrap},
+        banner=[
+            f"  Kafka      {bootstrap} ({where})   "
+            f"topics {settings.kafka_topic}, {settings.dlq_topic}"
+        ],
+        prepare=prepare,
+    )
+
+
+def _sqs_bus(settings: Settings, options: DevOptions, ports: _Ports) -> _Bus:
+    from inferq.sqs_wiring import prepare_queues
+    from transports.moto_local import LocalAws
+
+    server: LocalAws | None = None
+    endpoint = settings.aws_endpoint_url
+    env: dict[str, str] = {}
+    if not endpoint:
+        port = ports.pick(
+            "the local SQS/S3 endpoint",
+            options.aws_port or DEFAULT_AWS_PORT,
+            required=None if options.aws_port is None else "--aws-port",
+        )
+        server = LocalAws(settings.data_dir / "aws", port)
+        endpoint = server.endpoint_url
+        for name, value in _LOCAL_CREDENTIALS.items():
+            env[name] = os.environ.get(name, value)
+            os.environ.setdefault(name, value)  # for our own boto3 calls in prepare()
+    resolved = settings.model_copy(update={"aws_endpoint_url": endpoint})
+
+    def prepare() -> None:
+        asyncio.run(prepare_queues(resolved, create=True))
+        if server is not None and settings.s3_bucket:
+            _create_bucket(endpoint, settings.s3_bucket)
+
+    env.update({"INFERQ_TRANSPORT": "sqs", "AWS_ENDPOINT_URL": endpoint})
+    where = "local moto_server" if server is not None else "external"
+    return _Bus(
+        what="the local SQS/S3 endpoint",
+        server=server,
+        env=env,
+        banner=[
+            f"  SQS        {endpoint} ({where})   "
+            f"queues {settings.sqs_queue_name}, {settings.sqs_dlq}"
+        ],
+        prepare=prepare,
+    )
+
+
+def _create_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        s3.create_bucket(Bucket=bucket)
+    finally:
+        s3.close()
+
+
+def _roles(settings: Settings, options: DevOptions, bus: _Bus, ports: _Ports) -> list[Role]:
+    env = dict(os.environ)
+    if bus.env["INFERQ_TRANSPORT"] == "sqs":
+        env.pop("INFERQ_KAFKA_BOOTSTRAP", None)  # the control plane would republish to Kafka
+    env.update(bus.env)
+    env.update({"INFERQ_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"})
+    api_port = ports.pick(
+        "the API",
+        options.port or DEFAULT_API_PORT,
+        required=None if options.port is None else "--port",
+    )
+    argv = (sys.executable, "-m", "inferq")
+    roles = [Role("api", (*argv, "api", "--port", str(api_port)), env, stage=0)]
+    for i in range(options.workers):
+        metrics = settings.worker_metrics_port
+        if metrics:
+            metrics = ports.pick(f"worker-{i} metrics", metrics + i)
+        worker_env = {
+            **env,
+            "INFERQ_WORKER_METRICS_PORT": str(metrics),
+            "INFERQ_WORKER_ID": f"dev-worker-{i}",  # static group member: see shared NOTES
+        }
+        roles.append(Role(f"worker-{i}", (*argv, "worker"), worker_env, stage=1))
+    control_port = settings.control_metrics_port
+    if control_port:
+        control_port = ports.pick("control metrics", control_port)
+    control_env = {
+        **env,
+        "INFERQ_REDIS_URL": control_broker(settings),
+        "INFERQ_CONTROL_METRICS_PORT": str(control_port),
+    }
+    roles.append(Role("control", (*argv, "control"), control_env, stage=2))
+    return roles
+
+
+def _port_of(role: Role, variable: str) -> int:
+    return int(role.env[variable])
+
+
+def _banner(settings: Settings, roles: list[Role], bus: _Bus, sup: Supervisor) -> None:
+    api_role = roles[0]
+    api = f"http://127.0.0.1:{api_role.argv[-1]}"
+    pids = sup.pids()
+    _say("ready")
+    _say(f"  API        {api}   (docs {api}/docs, AsyncAPI {api}/asyncapi.json, {api}/metrics)")
+    for role in roles[1:]:
+        variable = "INFERQ_WORKER_METRICS_PORT"
+        if role.name == "control":
+            variable = "INFERQ_CONTROL_METRICS_PORT"
+        port = _port_of(role, variable)
+        where = f"http://127.0.0.1:{port}/metrics" if port else "off"
+        _say(f"  {role.name} metrics  {where}")
+    for line in bus.banner:
+        _say(line)
+    _say(f"  job store  {settings.resolved_database_url}")
+    _say(f"  models     {settings.resolved_model_repository}")
+    _say("  roles      " + ", ".join(f"{name} pid {pid}" for name, pid in pids.items()))
+    _say(f"  restarts   {sup.backoff.describe()}")
+    _say(
+        f"  try: curl -s -XPOST {api}/v1/jobs -H 'content-type: application/json' "
+        '-d \'{"model":"minilm","input":{"text":"hello"}}\''
+    )
+    _say("Ctrl-C stops everything (roles first, the local server last; twice: kill)")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def run_dev(settings: Settings, options: DevOptions) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if not _ensure_models(settings, options.build_models):
         return 2
-
-    if options.transport == "sqs":
-        from inferq.dev_sqs import run_dev_sqs
-
-        return run_dev_sqs(settings, options)
-
-    broker: EmbeddedKafka | None = None
-    bootstrap = settings.kafka_bootstrap
-    if not bootstrap:
-        broker = EmbeddedKafka(settings.data_dir / "kafka", options.kafka_port)
-        _say(f"starting Kafka-protocol broker (noida-db) on 127.0.0.1:{options.kafka_port}")
-        try:
-            broker.start()
-        except Exception as exc:
-            _say(f"the embedded broker did not start: {exc}")
-            return 2
-        bootstrap = broker.bootstrap
-
-    stopping = False
+    signals = {"stopping": False, "force": False}
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        if signals["stopping"]:
+            signals["force"] = True
+        signals["stopping"] = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    env = dict(os.environ)
-    env.update(
-        {
-            "INFERQ_KAFKA_BOOTSTRAP": bootstrap,
-            "INFERQ_DATA_DIR": str(settings.data_dir),
-            "INFERQ_API_PORT": str(options.port),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    children: list[Child] = []
+    try:
+        return _run(settings, options, signals)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(settings: Settings, options: DevOptions, signals: dict[str, bool]) -> int:
+    from inferq.wiring import open_store
+
+    ports = _Ports()
+    try:
+        make = _sqs_bus if options.transport == "sqs" else _kafka_bus
+        bus = make(settings, options, ports)
+        roles = _roles(settings, options, bus, ports)
+    except DevError as exc:
+        _say(str(exc))
+        return 2
+    if bus.server is not None:
+        _say(f"starting {bus.what} ({bus.server.log_path})")
+        try:
+            bus.server.start()
+        except Exception as exc:
+            _say(f"{bus.what} did not start: {exc}")
+            return 2
+        log.info("started %s (pid %s)", bus.what, bus.server.pid)
+    sup = Supervisor(roles, options.backoff)
     code = 0
     try:
-        from inferq.wiring import kafka_config, open_store
-        from transports.kafka import ensure_topics
-
-        asyncio.run(
-            ensure_topics(
-                kafka_config(settings.model_copy(update={"kafka_bootstrap": bootstrap}), "dev"),
-                {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1},
-            )
-        )
+        bus.prepare()
         open_store(settings).close()  # schema in place before the children race for it
-
-        def spawn(name: str, args: list[str], extra: dict[str, str]) -> None:
-            # a session of its own: Ctrl-C reaches only us, and we stop children in order
-            process = subprocess.Popen(
-                [sys.executable, "-m", "inferq", *args],
-                env={**env, **extra},
-                start_new_session=True,
-            )
-            children.append(Child(name, process))
-
-        for i in range(options.workers):
-            port = settings.worker_metrics_port + i
-            spawn(
-                f"worker-{i}",
-                ["worker"],
-                {"INFERQ_WORKER_METRICS_PORT": str(port), "INFERQ_WORKER_ID": f"dev-worker-{i}"},
-            )
-        spawn("api", ["api", "--port", str(options.port)], {})
-        spawn("control", ["control"], {"INFERQ_REDIS_URL": control_broker(settings)})
-
-        api = f"http://127.0.0.1:{options.port}"
-        if not _wait_http(f"{api}/healthz", 60, children):
-            raise RuntimeError("the API did not come up")
-        _say("ready")
-        _say(f"  API        {api}   (docs {api}/docs, AsyncAPI {api}/asyncapi.json)")
-        _say(
-            f"  metrics    {api}/metrics, workers on 127.0.0.1:{settings.worker_metrics_port}"
-            f"..{settings.worker_metrics_port + options.workers - 1}"
-        )
-        _say(f"  Kafka      {bootstrap}   topics {settings.kafka_topic}, {settings.dlq_topic}")
-        _say(f"  job store  {settings.resolved_database_url}")
-        _say(f"  models     {settings.resolved_model_repository}")
-        _say(
-            f"  try: curl -s -XPOST {api}/v1/jobs -H 'content-type: application/json' "
-            '-d \'{"model":"minilm","input":{"text":"hello"}}\''
-        )
-        _say("Ctrl-C stops everything")
-        while not stopping:
-            for child in children:
-                rc = child.process.poll()
-                if rc is not None:
-                    _say(f"{child.name} exited with code {rc}; stopping everything")
-                    code = 1
-                    stopping = True
-                    break
-            time.sleep(0.2)
+        if not signals["stopping"]:
+            sup.start_all()
+        code = _supervise(settings, roles, bus, sup, signals)
     except Exception as exc:
-        _say(f"error: {exc}; stopping everything")
+        log.error("dev failed: %s; stopping everything", exc)
         code = 1
     finally:
         _say("stopping")
-        # API first so no new work arrives, then workers drain, then the broker
-        _stop(list(reversed(children)))
-        if broker is not None:
-            broker.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        sup.stop(force=lambda: signals["force"])
+        if bus.server is not None:
+            bus.server.stop()
+            log.info("stopped %s", bus.what)
+        looping = sup.crash_looping()
+        if sup.restarts():
+            log.warning("restarts this session: %s", sup.restarts())
+        if looping:
+            log.error("exiting 1: %s crash-looping until the end", ", ".join(looping))
+            code = code or 1
         _say("stopped")
     return code
+
+
+def _supervise(
+    settings: Settings, roles: list[Role], bus: _Bus, sup: Supervisor, signals: dict[str, bool]
+) -> int:
+    healthz = f"http://127.0.0.1:{roles[0].argv[-1]}/healthz"
+    deadline = time.monotonic() + 120
+    while not signals["stopping"] and not _http_ok(healthz):
+        if time.monotonic() > deadline:
+            log.error("the API did not answer %s within 120s; see its output above", healthz)
+            return 1
+        sup.poll()
+        time.sleep(0.2)
+    if signals["stopping"]:
+        return 0
+    _banner(settings, roles, bus, sup)
+    server_retry_at = 0.0
+    while not signals["stopping"]:
+        sup.poll()
+        server = bus.server
+        if server is not None and not server.running and time.monotonic() >= server_retry_at:
+            # the roles keep retrying their connections meanwhile; data dir and port are kept
+            log.error("%s exited (its log: %s); restarting it", bus.what, server.log_path)
+            try:
+                server.stop()
+                server.start()
+                bus.prepare()
+                log.warning("%s restarted (pid %s)", bus.what, server.pid)
+            except Exception as exc:
+                log.error("%s did not restart: %s; next try in 10s", bus.what, exc)
+                server_retry_at = time.monotonic() + 10
+        time.sleep(0.2)
+    return 0
 
 
 def data_dir_default() -> Path:

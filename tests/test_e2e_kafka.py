@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from jobstore.store import JobStore
 from producers.client import InferqClient, InferqError
 from schemas.jobs import JobStatus
-from tests.procs import Stack, free_port, port_open, wait_for
+from tests.procs import Stack, free_port, wait_for
 from transports.broker import EmbeddedKafka
 
 pytestmark = pytest.mark.kafka
@@ -267,61 +265,6 @@ def test_broker_restart_mid_run_loses_nothing(
     finally:
         stack.stop_all()
         broker.stop()
-
-
-@pytest.mark.slow
-def test_dev_runs_everything_and_ctrl_c_stops_everything(
-    tmp_path: Path, model_repo: Path, redis_url: str
-) -> None:
-    api_port, kafka_port, metrics_port = free_port(), free_port(), free_port()
-    env = dict(
-        os.environ,
-        INFERQ_MODEL_REPOSITORY=str(model_repo),
-        INFERQ_WORKER_METRICS_PORT=str(metrics_port),
-        INFERQ_CONTROL_METRICS_PORT=str(free_port()),
-        INFERQ_REDIS_URL=redis_url,
-        INFERQ_INFERENCE_THREADS="2",
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("INFERQ_KAFKA_BOOTSTRAP", None)
-    log = open(tmp_path / "dev.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "inferq",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "dev",
-            "--port",
-            str(api_port),
-            "--kafka-port",
-            str(kafka_port),
-            "--no-build",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: "ready" in (tmp_path / "dev.log").read_text(), 90, "inferq dev")
-        url = f"http://127.0.0.1:{api_port}"
-        r = httpx.post(f"{url}/v1/jobs", json={"model": "identity", "input": {"tensor": [2]}})
-        assert r.status_code == 202, r.text
-        job = httpx.get(f"{url}{r.headers['location']}", params={"wait": 30}, timeout=40).json()
-        assert job["status"] == "succeeded" and job["result"] == {"tensor": [2.0]}
-        assert port_open(kafka_port) and port_open(metrics_port)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(40) == 0
-        out = (tmp_path / "dev.log").read_text()
-        assert "stopped" in out
-        for port in (api_port, kafka_port, metrics_port):
-            assert not port_open(port), f"port {port} still listening after Ctrl-C\n{out}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
-from tests.procs import Stack, free_port, port_open, wait_for
+from tests.procs import Stack, wait_for
 from transports.sqs import SqsConfig
 
 pytestmark = pytest.mark.sqs
@@ -134,41 +132,3 @@ def test_kill_9_worker_mid_batch_messages_reappear_and_run_once(stack: Stack) ->
     assert all(r.status is JobStatus.SUCCEEDED and r.result for r in records.values())
     assert any(r.attempts >= 2 for r in records.values()), "nothing was in flight at the kill"
     store.close()
-
-
-@pytest.mark.slow
-def test_dev_on_sqs_starts_a_local_endpoint_and_ctrl_c_stops_everything(
-    tmp_path: Path, model_repo: Path
-) -> None:
-    api_port, aws_port, metrics_port = free_port(), free_port(), free_port()
-    env = dict(
-        os.environ,
-        INFERQ_MODEL_REPOSITORY=str(model_repo),
-        INFERQ_WORKER_METRICS_PORT=str(metrics_port),
-        INFERQ_INFERENCE_THREADS="1",
-        INFERQ_SQS_WAIT_TIME_S="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("AWS_ENDPOINT_URL", None)
-    args = ["--data-dir", str(tmp_path / "data"), "dev", "--transport", "sqs", "--no-build"]
-    args += ["--port", str(api_port), "--aws-port", str(aws_port)]
-    with open(tmp_path / "dev.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inferq", *args], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_for(lambda: "ready" in (tmp_path / "dev.log").read_text(), 90, "inferq dev")
-        url = f"http://127.0.0.1:{api_port}"
-        r = httpx.post(f"{url}/v1/jobs", json={"model": "identity", "input": {"tensor": [2]}})
-        assert r.status_code == 202, r.text
-        job = httpx.get(f"{url}{r.headers['location']}", params={"wait": 30}, timeout=40).json()
-        assert job["status"] == "succeeded", (tmp_path / "dev.log").read_text()
-        assert port_open(aws_port)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(40) == 0
-        for port in (api_port, aws_port, metrics_port):
-            assert not port_open(port), f"port {port} still listening after Ctrl-C"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

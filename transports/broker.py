@@ -100,7 +100,11 @@ class EmbeddedKafka:
         self._log = self.log_path.open("ab")
         try:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C must not reach it: its owner stops it
             )
         except OSError as exc:
             self._close_log()

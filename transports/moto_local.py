@@ -63,7 +63,11 @@ class LocalAws:
         self._log = (self.data_dir / LOG_NAME).open("ab")
         try:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C must not reach it: its owner stops it
             )
         except OSError as exc:
             self._close_log()
