@@ -115,7 +115,10 @@ def test_api_publishes_again_after_a_broker_kill_9_and_readyz_says_so(
                     break
                 time.sleep(0.2)
             assert first_ok is not None, (codes, stack.log("api"))
-            print(f"first 202 {first_ok:.2f} s after the broker restart; before it: {codes}")
+            print(
+                f"during the outage: {dict(outage)}; first 202 {first_ok:.2f} s after the "
+                f"broker restart, answers before it: {dict(codes)}"
+            )
             assert first_ok < 20, (first_ok, codes)
             accepted = []
             for _ in range(30):  # and it stays recovered
@@ -127,6 +130,7 @@ def test_api_publishes_again_after_a_broker_kill_9_and_readyz_says_so(
         # a 202 is a promise: every job accepted after the restart is on the topic
         on_topic = _topic_ids(broker.bootstrap, topic)
         assert set(accepted) <= on_topic, set(accepted) - on_topic
+        print(*[ln for ln in stack.log("api").splitlines() if "producer" in ln.lower()], sep="\n")
     finally:
         stack.stop_all()
         broker.stop()
