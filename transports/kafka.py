@@ -202,9 +202,9 @@ class KafkaPublisher:
             if current is not None:
                 self._producer = None
                 # its buffered batches carry the stale producer id and can never succeed:
-                # fail them now (their publishers retry on the new producer)
-                await _abandon_buffered(current)
-                await current.stop()
+                # fail them now (their publishers retry on the new producer); shielded so
+                # that a caller's timeout cannot leave it half closed
+                await asyncio.shield(_discard(current))
             loop = asyncio.get_running_loop()
             last = self._last_error
             if last is not None and loop.time() < self._next_attempt:
@@ -325,6 +325,11 @@ class KafkaPublisher:
             f"publish_many to {destination!r}: {len(failed)} of {len(acks)} sent were not "
             f"acknowledged{note}"
         ) from cause
+
+
+async def _discard(producer: AIOKafkaProducer) -> None:
+    await _abandon_buffered(producer)
+    await producer.stop()
 
 
 async def _abandon_buffered(producer: AIOKafkaProducer) -> None:
