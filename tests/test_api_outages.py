@@ -29,6 +29,8 @@ from transports.broker import EmbeddedKafka
 from transports.kafka import KafkaConfig, ensure_topics
 
 JOB = {"model": "identity", "input": {"tensor": [1.0, 2.0]}}
+BROKER_OUTAGE_S = 15.0  # as in the report of issue 8
+STORE_OUTAGE_S = float(os.environ.get("INFERQ_TEST_STORE_OUTAGE_S", "10"))  # the report: 20
 
 
 def _ready(url: str) -> httpx.Response:
@@ -87,7 +89,7 @@ def test_api_publishes_again_after_a_broker_kill_9_and_readyz_says_so(
             outage: Counter[int] = Counter()
             not_ready_seen = False
             # clients keep submitting while the broker is down, as they would
-            while time.monotonic() - killed < 15:
+            while time.monotonic() - killed < BROKER_OUTAGE_S:
                 r = client.post("/v1/jobs", json=JOB)
                 outage[r.status_code] += 1
                 if r.status_code == 503:
@@ -296,12 +298,15 @@ def test_api_answers_503_store_unavailable_while_postgres_is_down(
         assert body["status"] == "not_ready" and "store" in body["failing"], body
         assert body["checks"]["store"]["status"] == "fail", body
 
-        seen, dropped = _hammer(url, requests, lambda: time.monotonic() - stopped > 10)
+        seen, dropped = _hammer(url, requests, lambda: time.monotonic() - stopped > STORE_OUTAGE_S)
         assert not dropped, dropped[:5]
         wrong = {k: n for k, n in seen.items() if k[1:] != (503, "store_unavailable", True)}
         assert not wrong, (wrong, stack.log("api"))
         assert {k[0] for k in seen} == {r[0] for r in requests}  # every route was tried
-        print(f"while PostgreSQL was down: {sum(seen.values())} requests, all 503")
+        print(
+            f"PostgreSQL down {STORE_OUTAGE_S:.0f} s: {sum(seen.values())} requests, all 503 "
+            "store_unavailable with Retry-After, none dropped"
+        )
         assert _ready(url).status_code == 503
 
         throwaway_postgres.start()

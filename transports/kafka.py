@@ -122,7 +122,7 @@ class KafkaPublisher:
         self._lock = asyncio.Lock()
         self._next_attempt = 0.0  # monotonic time before which no new producer is tried
         self._last_error: TransportError | None = None
-        self.replacements = 0  # producers replaced after fatal errors or a failed start
+        self.replacements = 0  # new producers put in place of ones that could not publish
 
     async def start(self) -> None:
         if self._started:
@@ -216,6 +216,9 @@ class KafkaPublisher:
                 self._last_error = exc
                 self._next_attempt = loop.time() + self.config.retry_backoff_ms / 1000
                 raise
+            if not self._started:  # stopped meanwhile: nobody would ever close it
+                await producer.stop()
+                raise TransportError("KafkaPublisher is not started")
             self._producer, self._last_error = producer, None
             self.replacements += 1
             log.warning("Kafka producer replaced by a new one (producer id renewed)")
