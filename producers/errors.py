@@ -86,7 +86,7 @@ def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail
 def store_unavailable_response(retry_after_s: int) -> JSONResponse:
     detail = ErrorDetail(
         code=ErrorCode.STORE_UNAVAILABLE,
-        message="the job store is unavailable; nothing was changed, retry later",
+        message="the job store is unavailable; retry later",
     )
     return error_response(503, [detail], {"Retry-After": str(retry_after_s)})
 
