@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -154,3 +156,22 @@ async def test_readyz_fails_on_the_store_and_metrics_still_serve(
     metrics = await down_client.get("/metrics")
     assert metrics.status_code == 200
     assert 'inferq_jobs_rejected_total{code="store_unavailable"} 1.0' in metrics.text
+
+
+async def test_a_database_that_never_answers_is_503_within_the_connect_timeout() -> None:
+    """A server that accepts TCP and says nothing (a partition, a wedged host): without a
+    connect timeout libpq waits as long as TCP does and every request hangs."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes handshakes; nobody ever answers
+        port = silent.getsockname()[1]
+        store = JobStore(f"postgresql://postgres@127.0.0.1:{port}/test", connect_timeout_s=1)
+        try:
+            async with _client(store, MemoryPublisher(MemoryBroker())) as client:
+                started = time.monotonic()
+                r = await client.get("/v1/jobs/some-id")
+                elapsed = time.monotonic() - started
+        finally:
+            store.close()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+    assert elapsed < 5, elapsed
