@@ -107,10 +107,16 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def postgres_engine(url: URL, pool_size: int, schema: str | None) -> Engine:
+def postgres_engine(
+    url: URL, pool_size: int, schema: str | None, connect_timeout_s: int = 5
+) -> Engine:
     connect_args: dict[str, Any] = {}
     if schema is not None:
         connect_args["options"] = f"-csearch_path={schema}"
+    if "connect_timeout" not in url.query:
+        # libpq waits for an unreachable server as long as TCP does (minutes): every request
+        # would hang on it, holding an API thread, instead of answering 503 store_unavailable
+        connect_args["connect_timeout"] = connect_timeout_s
     return create_engine(
         url,
         pool_size=pool_size,

@@ -88,11 +88,20 @@ def normalise_url(url: str) -> URL:
 
 
 class JobStore:
-    def __init__(self, url: str, *, pool_size: int = 5, schema: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 5,
+        schema: str | None = None,
+        connect_timeout_s: int = 5,
+    ) -> None:
         """Open (lazily) the database at ``url``.
 
         ``schema`` (PostgreSQL only) puts the tables in that schema via ``search_path``: one
         database can then hold several isolated stores (tests, tenants).
+        ``connect_timeout_s`` (PostgreSQL) bounds a connection attempt: a server that does
+        not answer is StoreUnavailable, not a hang.
         """
         parsed = normalise_url(url)
         backend = parsed.get_backend_name()
@@ -106,7 +115,7 @@ class JobStore:
             # then writes can get SQLITE_BUSY without waiting for busy_timeout.
             self._writer: Engine = self._engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
         elif backend == "postgresql":
-            self._engine = postgres_engine(parsed, pool_size, schema)
+            self._engine = postgres_engine(parsed, pool_size, schema, connect_timeout_s)
             self._writer = self._engine
         else:
             raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")

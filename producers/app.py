@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -29,10 +30,11 @@ from jobstore.store import JobStore
 from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
 from producers.docs import install_offline_docs
-from producers.errors import ApiError, install_handlers
+from producers.errors import STORE_DOWN, ApiError, install_handlers
 from producers.limits import BodySizeLimit
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
+from producers.readiness import assess
 from schemas.contracts import (
     ADAPTER_INPUTS,
     ContractViolation,
@@ -59,6 +61,8 @@ from webhooks.ssrf import UrlGuard
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_WAIT_S = 60.0
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ApiConfig:
@@ -72,6 +76,8 @@ class ApiConfig:
     backlog_cache_s: float = 0.25
     asyncapi: dict[str, Any] | None = None
     structured_events: bool = False  # publish structured CloudEvents (SQS) instead of binary
+    store_retry_after_s: int = 2  # Retry-After of a 503 store_unavailable
+    readiness_timeout_s: float = 3.0  # the most one /readyz check may take
 
 
 @dataclass
@@ -159,7 +165,9 @@ def create_app(deps: ApiDeps) -> FastAPI:
     )
     install_offline_docs(app)
     app.state.inferq = state
-    install_handlers(app)
+    install_handlers(
+        app, store_retry_after_s=deps.config.store_retry_after_s, rejected=metrics.rejected
+    )
     app.add_middleware(BodySizeLimit, max_bytes=deps.config.max_body_bytes)
 
     @app.middleware("http")
@@ -246,12 +254,15 @@ def _routes(app: FastAPI) -> None:
             )
             await st.publisher.publish(envelope)
         except (PublishUnavailable, TransportError) as exc:
-            await asyncio.to_thread(
-                st.deps.store.abandon_unpublished,
-                record.id,
-                ErrorCode.PUBLISH_UNAVAILABLE.value,
-                f"the broker did not acknowledge: {exc}",
-            )
+            try:
+                await asyncio.to_thread(
+                    st.deps.store.abandon_unpublished,
+                    record.id,
+                    ErrorCode.PUBLISH_UNAVAILABLE.value,
+                    f"the broker did not acknowledge: {exc}",
+                )
+            except STORE_DOWN:  # both down: the client is told the job was not accepted
+                log.warning("job %s unpublished and not marked so: the store is down", record.id)
             raise _reject(
                 st,
                 503,
@@ -380,29 +391,33 @@ def _routes(app: FastAPI) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
-    async def readyz(st: State) -> JSONResponse:
-        checks: dict[str, Any] = {}
-        ready = True
-        try:
-            await asyncio.to_thread(st.deps.store.ping)
-            checks["store"] = "ok"
-        except Exception as exc:
-            checks["store"] = f"unavailable: {exc}"
-            ready = False
-        models = st.deps.models()
-        checks["models"] = [f"{c.name}/{c.version}" for c in models]
-        if not models:
-            ready = False
-        providers = await asyncio.to_thread(st.deps.store.providers)
-        checks["workers"] = {f"{n}/{v}": sorted(p) for (n, v), p in providers.items()}
-        return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={503: {"description": "Not ready: `failing` names the checks that fail"}},
+    )
+    async def readyz(
+        st: State,
+        strict: Annotated[
+            bool, Query(description="Answer 503 when degraded too (e.g. no live worker).")
+        ] = False,
+    ) -> JSONResponse:
+        """ready / degraded (200) or not_ready (503), with every check's status: store,
+        publisher, models, workers. No live worker is degraded, not a failure: jobs queue."""
+        result = await assess(
+            st.deps.store,
+            st.deps.publisher,
+            st.deps.models(),
+            timeout_s=st.deps.config.readiness_timeout_s,
         )
+        return JSONResponse(result.body(), result.http_status(strict=strict))
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics_endpoint(st: State) -> Response:
-        await st.backlog.current()  # backlog, lag and autoscaling gauges as of this scrape
+        try:
+            await st.backlog.current()  # backlog, lag and autoscaling gauges as of this scrape
+        except STORE_DOWN as exc:  # still serve the rest: the 503 counts matter most now
+            log.debug("backlog gauges not refreshed: %s", exc)
         return Response(generate_latest(st.deps.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/asyncapi.json", tags=["ops"])

@@ -3,17 +3,40 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobstore.errors import StoreUnavailable
 from schemas.errors import ApiError, ErrorCode, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ApiError", "error_response", "install_handlers"]
+# What a database that is down, restarting or out of connections raises: the job store
+# wraps its own as StoreUnavailable, its neighbours (outbox, dead letters) raise SQLAlchemy's.
+STORE_DOWN: tuple[type[Exception], ...] = (
+    StoreUnavailable,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,  # no pooled connection came free in time
+)
+STORE_LOG_EVERY_S = 10.0
+
+
+def store_down(exc: BaseException) -> bool:
+    """True for an error that means "the database is unavailable, retry later"."""
+    if isinstance(exc, STORE_DOWN):
+        return True
+    # any driver error that cost the connection (the server went away mid-statement)
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+__all__ = ["ApiError", "error_response", "install_handlers", "store_down"]
 
 
 def error_response(
@@ -45,7 +68,40 @@ def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail
     return status, details
 
 
-def install_handlers(app: FastAPI) -> None:
+def store_unavailable_response(retry_after_s: int) -> JSONResponse:
+    detail = ErrorDetail(
+        code=ErrorCode.STORE_UNAVAILABLE,
+        message="the job store is unavailable; retry later",
+    )
+    return error_response(503, [detail], {"Retry-After": str(retry_after_s)})
+
+
+class _RateLimitedLog:
+    """One warning per interval with the count since the last one: an outage under load
+    would otherwise log every request."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last = float("-inf")
+        self._suppressed = 0
+
+    def warn(self, message: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+        log.warning("%s: %s%s", message, exc, more)
+        self._last, self._suppressed = now, 0
+
+
+def install_handlers(
+    app: FastAPI, *, store_retry_after_s: int = 2, rejected: Counter | None = None
+) -> None:
+    """Handlers for every error a route can raise: nothing reaches the client as a dropped
+    connection or a bare 500 when a dependency is down."""
+    store_log = _RateLimitedLog(STORE_LOG_EVERY_S)
+
     async def api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         return error_response(exc.status, [exc.detail], exc.headers)
@@ -72,7 +128,18 @@ def install_handlers(app: FastAPI) -> None:
             500, [ErrorDetail(code=ErrorCode.INTERNAL_ERROR, message="internal error")]
         )
 
+    async def store_error(request: Request, exc: Exception) -> JSONResponse:
+        if not store_down(exc):  # a DBAPIError that is a bug, not an outage
+            return await unexpected(request, exc)
+        store_log.warn("job store unavailable, answering 503", exc)
+        if rejected is not None and request.method == "POST" and request.url.path == "/v1/jobs":
+            rejected.labels(ErrorCode.STORE_UNAVAILABLE.value).inc()
+        return store_unavailable_response(store_retry_after_s)
+
     app.add_exception_handler(ApiError, api_error)
+    # registered on the base classes: Starlette picks a handler by the exception's MRO
+    for kind in (*STORE_DOWN, sa_exc.DBAPIError):
+        app.add_exception_handler(kind, store_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

@@ -66,5 +66,5 @@ class JobPublisher:
                         per_try,
                     )
         except (TransportError, TimeoutError) as exc:
-            log.error("publish of job %s failed: %s", envelope.id, exc)
+            log.error("publish of job %s failed: %r", envelope.id, exc)
             raise PublishUnavailable(str(exc) or type(exc).__name__) from exc

@@ -8,6 +8,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -77,6 +78,21 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         unavailable(f"no PostgreSQL running and none can be started here: {exc}")
     try:
         yield server.url
+    finally:
+        server.stop("immediate")
+
+
+@pytest.fixture
+def throwaway_postgres(tmp_path: Path) -> Iterator[LocalPostgres]:
+    """A PostgreSQL server of this test's own, which it may stop, kill and start again (fault
+    tests); never the shared one."""
+    server = LocalPostgres(tmp_path / "pg")
+    try:
+        server.start()
+    except ServerUnavailable as exc:
+        unavailable(f"cannot start a PostgreSQL of the test's own: {exc}")
+    try:
+        yield server
     finally:
         server.stop("immediate")
 

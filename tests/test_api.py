@@ -346,7 +346,7 @@ async def test_models_health_metrics_docs(api: Api) -> None:
     assert identity == {"1": True, "2": False}
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
     ready = await api.client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"]["store"] == "ok"
+    assert ready.status_code == 200 and ready.json()["checks"]["store"]["status"] == "ok"
     await api.submit({"model": "nope", "input": {}})
     text = (await api.client.get("/metrics")).text
     assert 'inferq_http_requests_total{method="POST",route="/v1/jobs",status="422"}' in text

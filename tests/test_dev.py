@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from jobstore.signing import generate_secret
 
 from tests.procs import free_port, port_open, wait_for
 from tests.webhook_receiver import Receiver
+from webhooks.signing import generate_secret
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

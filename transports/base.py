@@ -54,6 +54,15 @@ class Publisher(Protocol):
 
 
 @runtime_checkable
+class Checked(Protocol):
+    """A client that can say, cheaply and within a bound, whether it could work right now."""
+
+    async def check(self) -> None:
+        """Return if the next operation could succeed; raise TransportError saying why not."""
+        ...
+
+
+@runtime_checkable
 class Consumer(Protocol):
     source: str
 
