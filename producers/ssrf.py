@@ -39,12 +39,17 @@ _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d
 
 
 class WebhookUrlError(ValueError):
-    """The URL is refused; ``code`` is webhook_url_invalid or webhook_url_forbidden."""
+    """The URL is refused; ``code`` is webhook_url_invalid or webhook_url_forbidden.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    ``retryable``: the refusal may lift by itself (the host does not resolve for now), so a
+    delivery retries it; any other refusal fails the delivery at once.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retryable = retryable
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -96,10 +101,12 @@ class UrlGuard:
             raise _forbidden(f"{host} is a cloud metadata service")
         try:
             addresses = self.resolver(host, port)
-        except (OSError, UnicodeError) as exc:
-            raise _invalid(f"the host {host!r} does not resolve") from exc
+        except UnicodeError as exc:
+            raise _invalid(f"the host {host!r} is not a valid host name") from exc
+        except OSError as exc:
+            raise _unresolved(host) from exc
         if not addresses:
-            raise _invalid(f"the host {host!r} does not resolve")
+            raise _unresolved(host)
         if host_allowed:
             return addresses
         for text in addresses:
@@ -129,8 +136,8 @@ class UrlGuard:
                 )
         return addresses
 
-    def __call__(self, url: str) -> None:
-        self.check(url)
+    def __call__(self, url: str) -> list[str]:
+        return self.check(url)
 
     def _in_allowed_network(self, address: IPAddress) -> bool:
         return any(
@@ -191,6 +198,12 @@ def _kind(address: IPAddress) -> str | None:
 
 def _invalid(message: str) -> WebhookUrlError:
     return WebhookUrlError(ErrorCode.WEBHOOK_URL_INVALID, message)
+
+
+def _unresolved(host: str) -> WebhookUrlError:
+    return WebhookUrlError(
+        ErrorCode.WEBHOOK_URL_INVALID, f"the host {host!r} does not resolve", retryable=True
+    )
 
 
 def _forbidden(message: str) -> WebhookUrlError:

@@ -36,7 +36,7 @@ class DeliveryStatus(StrEnum):
     PENDING = "pending"  # waiting for its next attempt
     DELIVERING = "delivering"  # handed to a delivery task
     DELIVERED = "delivered"  # the receiver answered 2xx
-    FAILED = "failed"  # the retry schedule is exhausted
+    FAILED = "failed"  # the retry schedule is exhausted, or the URL was refused at send time
     DISABLED = "disabled"  # the endpoint answered 410 Gone
 
 
