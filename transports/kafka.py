@@ -57,8 +57,9 @@ class KafkaConfig:
     isolation_level: Literal["read_uncommitted", "read_committed"] = "read_uncommitted"
     # idle without a busy loop against brokers that answer empty fetches at once: after
     # an empty window of idle_window_ms, pause the partitions for idle_pause_ms (0: off),
-    # doubling while they stay empty up to idle_pause_max_ms (the most a message that ends
-    # a long idle spell waits; back to idle_pause_ms as soon as records come)
+    # or a quarter of the time they have been idle, up to idle_pause_max_ms: the most a
+    # message that ends a long idle spell waits, for an idle cost of ~1/idle_pause_max_ms
+    # fetches a second
     idle_window_ms: int = 2
     idle_pause_ms: int = 5
     idle_pause_max_ms: int = 100
@@ -253,7 +254,7 @@ class KafkaConsumer:
         self._last_delivered: dict[TopicPartition, int] = {}
         self._assigned = asyncio.Event()
         # idle back-off, kept across fetch calls: partitions paused until _resume_at
-        self._pause_s = config.idle_pause_ms / 1000
+        self._idle_since: float | None = None
         self._paused: frozenset[TopicPartition] = frozenset()
         self._resume_at: float | None = None
 
@@ -366,9 +367,10 @@ class KafkaConsumer:
         one is answered. A broker that honours fetch_max_wait_ms holds an empty fetch for
         that long; one that answers at once (noida-db does) turns an idle consumer into a
         busy loop that took ~0.7 of a core here, CPU the model then lacks. So when a short
-        window brings nothing, the assigned partitions are paused for ``idle_pause_ms``, twice
-        as long after each further empty window up to ``idle_pause_max_ms``: a fixed 5 ms
-        pause still meant ~140 fetches a second and a third of a core for an idle worker.
+        window brings nothing, the assigned partitions are paused for ``idle_pause_ms``, or a
+        quarter of the time they have been idle, up to ``idle_pause_max_ms``: a fixed 5 ms
+        pause still meant ~140 fetches a second and a third of a core for an idle worker,
+        while a message after a gap of t waits at most ~t/4 more (and idle_pause_max_ms).
         The pause outlives this call, so a caller polling every 100 ms does not end it.
         Records are never lost by this: the position only moves when records are returned.
         """
@@ -390,13 +392,20 @@ class KafkaConsumer:
                 self._resume(consumer)
             window = min(c.idle_window_ms / 1000, max(deadline - loop.time(), 0))
             batches = await consumer.getmany(timeout_ms=int(window * 1000), max_records=max_records)
+            now = loop.time()
             if any(batches.values()):
-                self._pause_s = c.idle_pause_ms / 1000
+                self._idle_since = None
                 return batches
+            if self._idle_since is None:
+                self._idle_since = now
+            # busy traffic with short gaps keeps the short pause; a long idle spell grows it
+            pause = min(
+                max((now - self._idle_since) / 4, c.idle_pause_ms / 1000),
+                max(c.idle_pause_max_ms, c.idle_pause_ms) / 1000,
+            )
             self._paused = frozenset(consumer.assignment())
             consumer.pause(*self._paused)
-            self._resume_at = loop.time() + self._pause_s
-            self._pause_s = min(self._pause_s * 2, max(c.idle_pause_max_ms, c.idle_pause_ms) / 1000)
+            self._resume_at = now + pause
             if deadline - loop.time() <= 0:
                 return batches
 
@@ -470,8 +479,7 @@ class KafkaConsumer:
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.debug("group %r assigned %s", self.group, sorted(assigned))
         # new partitions come unpaused: fetch them now, and back off afresh if they are empty
-        self._paused, self._resume_at = frozenset(), None
-        self._pause_s = self.config.idle_pause_ms / 1000
+        self._paused, self._resume_at, self._idle_since = frozenset(), None, None
         self._assigned.set()
 
 
