@@ -125,7 +125,7 @@ def rebinding_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     answers: dict[str, str] = {}
     real = socket.getaddrinfo
 
-    def getaddrinfo(host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def getaddrinfo(host, port, *args, **kwargs):
         if host == HOST:
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[HOST], int(port)))]
         return real(host, port, *args, **kwargs)

@@ -140,7 +140,7 @@ class Receiver:
                 with receiver.lock:
                     receiver.server_names.append(name)
 
-            self.tls.sni_callback = on_sni  # type: ignore[assignment]
+            self.tls.sni_callback = on_sni
             server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self._server = server
         threading.Thread(target=server.serve_forever, daemon=True).start()
