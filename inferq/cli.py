@@ -1,4 +1,4 @@
-"""`inferq` command line: dev, api, worker, control, models, topics."""
+"""`inferq` command line: dev, api, worker, control, models, topics, dlq, webhooks."""
 
 from __future__ import annotations
 
@@ -258,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         "create", help="create the jobs queue and its dead-letter queue (with RedrivePolicy)"
     ).set_defaults(func=cmd_queues_create)
 
-    from inferq import dlq_cli
+    from inferq import dlq_cli, webhooks_cli
 
     dlq_cli.add_parser(sub)
+    webhooks_cli.add_parser(sub).set_defaults(func=cmd_webhooks)
     return parser
 
 
@@ -268,6 +269,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from inferq import dlq_cli
 
     return dlq_cli.run(args, _settings(args))
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from inferq import webhooks_cli
+
+    return webhooks_cli.run(args, _settings(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from schemas.jobs import TERMINAL_WEBHOOK_EVENTS
 from schemas.webhooks import (
     STATUS_EVENTS,
     DeliveryStatus,
+    DisabledEndpoint,
     WebhookAttempt,
     WebhookDelivery,
     WebhookPayload,
@@ -358,9 +359,24 @@ class WebhookOutbox:
             .values(status=_DISABLED, last_error="endpoint disabled (410 Gone)", updated_at=now)
         )
 
-    def enable_endpoint(self, url: str) -> None:
+    def enable_endpoint(self, url: str) -> DisabledEndpoint | None:
+        """Send to ``url`` again; what it was disabled for, or None when it was not.
+
+        Deliveries settled as disabled stay so: replay a job to send its events again."""
+        e = DISABLED.c
         with self._writer.begin() as conn:
-            conn.execute(delete(DISABLED).where(DISABLED.c.url == url))
+            row = conn.execute(delete(DISABLED).where(e.url == url).returning(DISABLED)).first()
+        if row is None:
+            return None
+        return DisabledEndpoint(url=row.url, disabled_at=row.disabled_at, reason=row.reason)
+
+    def disabled_endpoints(self) -> list[DisabledEndpoint]:
+        e = DISABLED.c
+        with self._engine.begin() as conn:
+            rows = conn.execute(select(DISABLED).order_by(e.disabled_at, e.url)).all()
+        return [
+            DisabledEndpoint(url=r.url, disabled_at=r.disabled_at, reason=r.reason) for r in rows
+        ]
 
     def for_job(self, job_id: str) -> list[WebhookDelivery]:
         d, a = DELIVERIES.c, ATTEMPTS.c

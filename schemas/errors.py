@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     WEBHOOK_URL_FORBIDDEN = "webhook_url_forbidden"
     WEBHOOK_NOT_CONFIGURED = "webhook_not_configured"
     WEBHOOK_NOTHING_TO_REPLAY = "webhook_nothing_to_replay"
+    WEBHOOK_ENDPOINT_NOT_DISABLED = "webhook_endpoint_not_disabled"
     # capacity and dependencies
     BACKLOG_FULL = "backlog_full"
     PUBLISH_UNAVAILABLE = "publish_unavailable"

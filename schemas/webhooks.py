@@ -36,7 +36,7 @@ class DeliveryStatus(StrEnum):
     PENDING = "pending"  # waiting for its next attempt
     DELIVERING = "delivering"  # handed to a delivery task
     DELIVERED = "delivered"  # the receiver answered 2xx
-    FAILED = "failed"  # the retry schedule is exhausted
+    FAILED = "failed"  # the retry schedule is exhausted, or the URL was refused at send time
     DISABLED = "disabled"  # the endpoint answered 410 Gone
 
 
@@ -71,3 +71,25 @@ class WebhookDeliveryList(BaseModel):
     """`GET /v1/jobs/{id}/webhooks`."""
 
     data: list[WebhookDelivery]
+
+
+class DisabledEndpoint(BaseModel):
+    """A webhook URL that answered 410 Gone: nothing is sent to it until it is enabled."""
+
+    url: str
+    disabled_at: datetime
+    reason: str
+
+
+class DisabledEndpointList(BaseModel):
+    """`GET /v1/webhooks/endpoints/disabled`."""
+
+    data: list[DisabledEndpoint]
+
+
+class EnableEndpoint(BaseModel):
+    """`POST /v1/webhooks/endpoints/enable`: the URL exactly as the jobs gave it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=4096)

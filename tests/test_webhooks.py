@@ -437,7 +437,8 @@ def test_url_rechecked_at_delivery(store, receiver_factory) -> None:
         client=new_client(FAST),
     )
     outcome, delivery = _attempt(store, d, r.url)
-    assert outcome == DeliveryStatus.PENDING and r.requests == 0
+    # refused now: failed at once, not retried on the schedule
+    assert outcome == DeliveryStatus.FAILED and r.requests == 0
     assert "webhook_url_forbidden" in (delivery.attempt_log[0].error or "")
     d.client.close()
 

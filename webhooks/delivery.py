@@ -4,13 +4,20 @@ The attempt is an HTTP POST of the stored body, signed afresh (Standard Webhooks
 current timestamp, under connect/read timeouts and an overall deadline; redirects are not
 followed and at most ``max_response_bytes`` of the answer are read. 2xx delivers, 410 disables
 the endpoint, anything else (or no answer) schedules the next attempt from the retry schedule,
-or from ``Retry-After`` on 429/503, until the schedule runs out.
+or from ``Retry-After`` on 429/503, until the schedule runs out. A URL the SSRF check refuses
+(it resolves somewhere private now) fails at once with the reason; one whose host does not
+resolve for now is retried.
+
+The connection goes to an address the check approved, not to a fresh lookup of the host
+(which a DNS-rebinding host could answer differently), keeping the ``Host`` header and TLS
+server name: see webhooks/pinning.py.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +30,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from jobstore.outbox import AttemptResult, Claimed, WebhookOutbox
 from jobstore.records import utcnow
 from schemas.webhooks import DeliveryStatus
+from webhooks.pinning import PinnedTransport, pinned
 from webhooks.signing import WebhookSigner
 
 log = logging.getLogger(__name__)
 
 # immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (the Standard Webhooks schedule)
 DEFAULT_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
-UrlCheck = Callable[[str], object]  # raises ValueError when the URL may not be called
+# Raises ValueError when the URL may not be called (with ``retryable`` True when that may
+# change by itself, e.g. the host does not resolve for now); returns the addresses it checked.
+UrlCheck = Callable[[str], Sequence[str]]
 
 
 @dataclass(frozen=True)
@@ -105,18 +115,24 @@ class Deliverer:
         status_code: int | None = None
         retry_after: float | None = None
         error: str | None = None
+        refused = False
         try:
-            self.check_url(row.url)
+            addresses = self.check_url(row.url)
         except ValueError as exc:
             error = f"{getattr(exc, 'code', 'webhook_url_forbidden')}: {exc}"
+            refused = not getattr(exc, "retryable", False)
         else:
-            status_code, retry_after, error = self._post(row.id, row.url, row.payload.encode())
+            status_code, retry_after, error = self._post(
+                row.id, row.url, row.payload.encode(), addresses
+            )
         elapsed = time.perf_counter() - started
         self.metrics.seconds.observe(elapsed)
         attempt = AttemptResult(attempted_at, status_code, elapsed * 1000.0, error)
 
         next_at: datetime | None = None
-        if status_code is not None and 200 <= status_code < 300:
+        if refused:  # retrying cannot help until someone changes the DNS or the allowlist
+            outcome = DeliveryStatus.FAILED
+        elif status_code is not None and 200 <= status_code < 300:
             outcome = DeliveryStatus.DELIVERED
         elif status_code == 410:
             outcome = DeliveryStatus.DISABLED
@@ -129,7 +145,9 @@ class Deliverer:
                 outcome = DeliveryStatus.PENDING
                 next_at = utcnow() + timedelta(seconds=delay)
         self.outbox.record(claim, attempt, outcome=outcome, next_attempt_at=next_at)
-        label = {DeliveryStatus.PENDING: "retry"}.get(outcome, outcome.value)
+        label = (
+            "refused" if refused else {DeliveryStatus.PENDING: "retry"}.get(outcome, outcome.value)
+        )
         self.metrics.deliveries.labels(label).inc()
         if outcome == DeliveryStatus.DELIVERED:
             self.metrics.lag.observe((utcnow() - row.created_at).total_seconds())
@@ -138,7 +156,7 @@ class Deliverer:
         return outcome
 
     def _post(
-        self, msg_id: str, url: str, body: bytes
+        self, msg_id: str, url: str, body: bytes, addresses: Sequence[str]
     ) -> tuple[int | None, float | None, str | None]:
         headers = {
             **self.signer_keys().headers(msg_id, int(time.time()), body),
@@ -147,7 +165,10 @@ class Deliverer:
         }
         deadline = time.monotonic() + self.config.total_timeout_s
         try:
-            with self.client.stream("POST", url, content=body, headers=headers) as response:
+            with (
+                pinned(url, addresses),
+                self.client.stream("POST", url, content=body, headers=headers) as response,
+            ):
                 read = 0
                 for chunk in response.iter_raw():
                     read += len(chunk)
@@ -168,18 +189,20 @@ class Deliverer:
         return code, retry_after, None
 
 
-def new_client(config: DeliveryConfig) -> httpx.Client:
+def new_client(config: DeliveryConfig, *, verify: ssl.SSLContext | bool = True) -> httpx.Client:
     timeout = httpx.Timeout(
         connect=config.connect_timeout_s,
         read=config.read_timeout_s,
         write=config.read_timeout_s,
         pool=config.connect_timeout_s,
     )
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
     return httpx.Client(
         timeout=timeout,
         follow_redirects=False,
         trust_env=False,  # no proxy from the environment: the SSRF check must see the target
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        # connects to the addresses the check approved, not to a second lookup
+        transport=PinnedTransport(verify=verify, limits=limits),
     )
 
 

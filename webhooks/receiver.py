@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,11 +36,15 @@ class Receiver:
 
     secret: str
     port: int = 0
+    host: str = "127.0.0.1"  # the address it listens on
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this server context
     mode: str = "ok"
     hang_s: float = 5.0
     received: list[Received] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)  # signature failures
     requests: int = 0
+    host_headers: list[str] = field(default_factory=list)
+    server_names: list[str | None] = field(default_factory=list)  # TLS SNI of each handshake
     lock: threading.Lock = field(default_factory=threading.Lock)
     # (body, lower-cased headers) -> anything; raises when the delivery is not authentic
     verifier: Callable[[bytes, dict[str, str]], object] | None = None
@@ -47,7 +52,10 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self.url_for(self.host)
+
+    def url_for(self, host: str) -> str:
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/hook"
 
     def start(self) -> None:
         receiver = self
@@ -64,6 +72,7 @@ class Receiver:
                 body = self.rfile.read(length)
                 with receiver.lock:
                     receiver.requests += 1
+                    receiver.host_headers.append(self.headers.get("host", ""))
                 mode = receiver.mode
                 if mode == "garbage":
                     self.wfile.write(b"\x00\x01 this is not HTTP at all\r\n\r\n")
@@ -129,10 +138,18 @@ class Receiver:
                 self.end_headers()
                 self.wfile.write(body)
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = ThreadingHTTPServer((self.host, self.port), Handler)
         server.daemon_threads = True
         server.allow_reuse_address = True
         self.port = server.server_address[1]
+        if self.tls is not None:
+
+            def on_sni(sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+                with receiver.lock:
+                    receiver.server_names.append(name)
+
+            self.tls.sni_callback = on_sni
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self._server = server
         threading.Thread(target=server.serve_forever, daemon=True).start()
 

@@ -1,4 +1,5 @@
-"""Webhook routes: the delivery log of a job, replay, and the submit-time URL check."""
+"""Webhook routes: the delivery log of a job, replay, endpoints disabled by 410 Gone (list,
+enable), and the submit-time URL check."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from jobstore.outbox import WebhookOutbox
 from jobstore.store import JobStore
 from schemas.errors import ApiError, ErrorCode, ErrorResponse
 from schemas.jobs import WebhookEvent
-from schemas.webhooks import WebhookDeliveryList
+from schemas.webhooks import (
+    DisabledEndpoint,
+    DisabledEndpointList,
+    EnableEndpoint,
+    WebhookDeliveryList,
+)
 from webhooks.ssrf import UrlGuard, WebhookUrlError
 
 RESOLVE_TIMEOUT_S = 5.0
@@ -89,6 +95,29 @@ def webhook_router() -> APIRouter:
                 field="event" if event else None,
             )
         return WebhookDeliveryList(data=await asyncio.to_thread(outbox.for_job, job_id))
+
+    @router.get("/v1/webhooks/endpoints/disabled", response_model=DisabledEndpointList)
+    async def disabled_endpoints(request: Request) -> DisabledEndpointList:
+        """Webhook URLs that answered 410 Gone, to which nothing is sent."""
+        outbox = _outbox(_store(request))
+        return DisabledEndpointList(data=await asyncio.to_thread(outbox.disabled_endpoints))
+
+    @router.post(
+        "/v1/webhooks/endpoints/enable", response_model=DisabledEndpoint, responses=_ERRORS
+    )
+    async def enable_endpoint(body: EnableEndpoint, request: Request) -> DisabledEndpoint:
+        """Send to a URL disabled by 410 Gone again (its settled deliveries: replay the jobs);
+        the answer is what it was disabled for."""
+        outbox = _outbox(_store(request))
+        enabled = await asyncio.to_thread(outbox.enable_endpoint, body.url)
+        if enabled is None:
+            raise ApiError(
+                404,
+                ErrorCode.WEBHOOK_ENDPOINT_NOT_DISABLED,
+                f"the webhook endpoint {body.url!r} is not disabled",
+                field="url",
+            )
+        return enabled
 
     return router
 

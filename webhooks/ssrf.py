@@ -1,6 +1,10 @@
 """SSRF guard for webhook URLs: http(s) only, bounded length, and resolving only to public
 addresses unless an allowlist (hosts or CIDRs) admits them.
 
+An IPv6 address that carries an IPv4 one (IPv4-mapped or -compatible, 6to4, Teredo server
+and client, NAT64 64:ff9b::/96) is judged by the IPv4 address its packets end up at; the
+local-use NAT64 prefix 64:ff9b:1::/48 is refused unless allowlisted.
+
 The same guard runs at submit time (a clear 422) and again before every delivery attempt,
 because a name may resolve elsewhere later (DNS rebinding).
 """
@@ -26,14 +30,26 @@ METADATA_ADDRESSES = frozenset(
 )
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
 
+# IPv6 forms whose packets end up at an IPv4 address they carry: that address decides.
+_SIXTOFOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: not global
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d
+
 
 class WebhookUrlError(ValueError):
-    """The URL is refused; ``code`` is webhook_url_invalid or webhook_url_forbidden."""
+    """The URL is refused; ``code`` is webhook_url_invalid or webhook_url_forbidden.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    ``retryable``: the refusal may lift by itself (the host does not resolve for now), so a
+    delivery retries it; any other refusal fails the delivery at once.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retryable = retryable
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -85,28 +101,51 @@ class UrlGuard:
             raise _forbidden(f"{host} is a cloud metadata service")
         try:
             addresses = self.resolver(host, port)
-        except (OSError, UnicodeError) as exc:
-            raise _invalid(f"the host {host!r} does not resolve") from exc
+        except UnicodeError as exc:
+            raise _invalid(f"the host {host!r} is not a valid host name") from exc
+        except OSError as exc:
+            raise _unresolved(host) from exc
         if not addresses:
-            raise _invalid(f"the host {host!r} does not resolve")
+            raise _unresolved(host)
         if host_allowed:
             return addresses
         for text in addresses:
             address = _parse(text)
-            if not self._address_allowed(address):
+            if self._in_allowed_network(address):
+                continue
+            if address in _NAT64_LOCAL_USE:
+                carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+                raise _forbidden(
+                    f"{host} resolves to {address}, a local-use NAT64 address (in the /96 "
+                    f"form it carries {carried}); add it or its prefix to "
+                    "INFERQ_WEBHOOK_ALLOWED_HOSTS to allow it"
+                )
+            embedded = _embedded(address)
+            for role, carried in embedded:
+                if not self._address_allowed(carried):
+                    raise _forbidden(
+                        f"{host} resolves to {address}, whose {role} is {carried}, a "
+                        f"{_kind(carried)} address; add it to INFERQ_WEBHOOK_ALLOWED_HOSTS "
+                        "to allow it"
+                    )
+            # a form that carries an IPv4 address is judged by it (all of them allowed)
+            if not embedded and not self._address_allowed(address):
                 raise _forbidden(
                     f"{host} resolves to {address}, a {_kind(address)} address; "
                     "add it to INFERQ_WEBHOOK_ALLOWED_HOSTS to allow it"
                 )
         return addresses
 
-    def __call__(self, url: str) -> None:
-        self.check(url)
+    def __call__(self, url: str) -> list[str]:
+        return self.check(url)
+
+    def _in_allowed_network(self, address: IPAddress) -> bool:
+        return any(
+            address in net for net in self.allowed_networks if net.version == address.version
+        )
 
     def _address_allowed(self, address: IPAddress) -> bool:
-        if any(address in net for net in self.allowed_networks if net.version == address.version):
-            return True
-        return _kind(address) is None
+        return self._in_allowed_network(address) or _kind(address) is None
 
 
 def _parse(text: str) -> IPAddress:
@@ -114,6 +153,28 @@ def _parse(text: str) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def _embedded(address: IPAddress) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries, named by their role; [] for none.
+
+    Not the local-use NAT64 prefix: where it carries the address depends on a prefix length
+    the guard cannot know (RFC 6052), so that prefix is refused whole unless allowlisted.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    value = int(address)
+    if address in _SIXTOFOUR:
+        return [("embedded IPv4 (6to4)", ipaddress.IPv4Address((value >> 80) & 0xFFFFFFFF))]
+    if address in _TEREDO:
+        server = ipaddress.IPv4Address((value >> 64) & 0xFFFFFFFF)
+        client = ipaddress.IPv4Address((value & 0xFFFFFFFF) ^ 0xFFFFFFFF)
+        return [("Teredo server", server), ("Teredo client", client)]
+    if address in _NAT64_WELL_KNOWN:
+        return [("embedded IPv4 (NAT64)", ipaddress.IPv4Address(value & 0xFFFFFFFF))]
+    if address in _IPV4_COMPATIBLE and value > 1:  # not :: or ::1
+        return [("embedded IPv4 (IPv4-compatible)", ipaddress.IPv4Address(value))]
+    return []
 
 
 def _kind(address: IPAddress) -> str | None:
@@ -137,6 +198,12 @@ def _kind(address: IPAddress) -> str | None:
 
 def _invalid(message: str) -> WebhookUrlError:
     return WebhookUrlError(ErrorCode.WEBHOOK_URL_INVALID, message)
+
+
+def _unresolved(host: str) -> WebhookUrlError:
+    return WebhookUrlError(
+        ErrorCode.WEBHOOK_URL_INVALID, f"the host {host!r} does not resolve", retryable=True
+    )
 
 
 def _forbidden(message: str) -> WebhookUrlError:
