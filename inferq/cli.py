@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from inferq import devinfo
 from inferq.settings import Settings
 
 log = logging.getLogger("inferq")
@@ -22,6 +23,26 @@ class SettingsError(Exception):
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    settings = _read_settings(args)
+    if args.command == "dev":
+        return settings
+    # a running `inferq dev` on this data dir: use its bus (a variable that is set still wins)
+    info = devinfo.read(settings.data_dir)
+    if info is None:
+        return settings
+    missing = {k: v for k, v in info.env.items() if k not in os.environ}
+    if not missing:
+        return settings
+    os.environ.update(missing)  # the composition root: read once, below, like any setting
+    print(
+        f"inferq {args.command}: using the bus of inferq dev (pid {info.pid}) from "
+        f"{settings.data_dir / devinfo.FILE}",
+        file=sys.stderr,
+    )
+    return _read_settings(args)
+
+
+def _read_settings(args: argparse.Namespace) -> Settings:
     overrides = {}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
@@ -205,7 +226,7 @@ def cmd_queues_create(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
     parser.add_argument("--data-dir", help="data directory (INFERQ_DATA_DIR)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="local broker, API, workers, control plane, supervised")
@@ -262,7 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq_cli.add_parser(sub)
     webhooks_cli.add_parser(sub).set_defaults(func=cmd_webhooks)
+    _common_options_everywhere(parser)
     return parser
+
+
+def _common_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``-v`` work after any subcommand too: ``inferq dlq list --data-dir X``."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in action.choices.values():
+            known = {o for a in child._actions for o in a.option_strings}
+            if "--data-dir" not in known:
+                child.add_argument(
+                    "--data-dir", default=argparse.SUPPRESS, help="data directory (INFERQ_DATA_DIR)"
+                )
+            if "--verbose" not in known:
+                child.add_argument(
+                    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help="debug logging",
+                )  # fmt: skip
+            _common_options_everywhere(child)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from inferq import devinfo
 from inferq.settings import Settings
 from inferq.supervisor import Backoff, Role, Supervisor
 
@@ -299,6 +300,20 @@ def _banner(settings: Settings, roles: list[Role], bus: _Bus, sup: Supervisor) -
     _say("Ctrl-C stops everything (roles first, the local server last; twice: kill)")
 
 
+def _publish_info(settings: Settings, roles: list[Role], bus: _Bus) -> None:
+    """<data dir>/dev.json: other `inferq` commands on this data dir use the same bus."""
+    ports = {"api": int(roles[0].argv[-1])}
+    for role in roles[1:]:
+        for variable in ("INFERQ_WORKER_METRICS_PORT", "INFERQ_CONTROL_METRICS_PORT"):
+            if role.env.get(variable):
+                ports[f"{role.name} metrics"] = int(role.env[variable])
+    info = devinfo.DevInfo(
+        pid=os.getpid(), env=dict(bus.env), api=f"http://127.0.0.1:{ports['api']}", ports=ports
+    )
+    path = devinfo.write(settings.data_dir, info)
+    _say(f"  dev info   {path} (other `inferq` commands with this --data-dir use this bus)")
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -358,6 +373,7 @@ def _run(settings: Settings, options: DevOptions, signals: dict[str, bool]) -> i
         code = 1
     finally:
         _say("stopping")
+        devinfo.remove(settings.data_dir, os.getpid())
         sup.stop(force=lambda: signals["force"])
         if bus.server is not None:
             bus.server.stop()
@@ -385,6 +401,7 @@ def _supervise(
         time.sleep(0.2)
     if signals["stopping"]:
         return 0
+    _publish_info(settings, roles, bus)
     _banner(settings, roles, bus, sup)
     server_retry_at = 0.0
     while not signals["stopping"]:

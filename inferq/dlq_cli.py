@@ -60,6 +60,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         command = args.dlq_command
         if command == "list":
+            # which store was read, so an empty list is not mistaken for an empty DLQ elsewhere
+            url = store.engine.url.render_as_string(hide_password=True)
+            print(f"dead letters in {url}", file=sys.stderr)  # plain: never wrapped
             return _list(console, letters, args)
         if command == "show":
             found = letters.get_many([args.id])
@@ -83,7 +86,13 @@ def _list(console: Console, letters: DeadLetterStore, args: argparse.Namespace) 
     if not rows:
         console.print("no dead letters match")
         return 0
-    table = Table("id", "job", "model", "code", "attempts", "when", "message")
+    table = Table()
+    # ids in full even on a narrow terminal: they are what `show` and `redrive` take
+    table.add_column("id", no_wrap=True, min_width=max(len(r.id) for r in rows))
+    table.add_column("job", no_wrap=True, min_width=max(len(r.job_id or "-") for r in rows))
+    for name in ("model", "code", "attempts", "when"):
+        table.add_column(name)
+    table.add_column("message", overflow="ellipsis", no_wrap=True)
     for r in rows:
         table.add_row(
             r.id,

@@ -112,3 +112,43 @@ def test_dlq_cli_list_show_and_the_bad_inputs(tmp_path) -> None:
     assert r.returncode == 0 and "purged 1" in r.stdout
     left = _inferq("--data-dir", str(tmp_path), "dlq", "list", "--json")
     assert [d["code"] for d in __import__("json").loads(left.stdout)] == ["inference_failed"]
+
+
+def test_dlq_list_prints_whole_ids_on_a_narrow_terminal_and_names_its_store(tmp_path) -> None:
+    entry = _seed_dead_letters(tmp_path)
+    # the data dir after the subcommand, as people type it
+    listed = _inferq("dlq", "list", "--data-dir", str(tmp_path), env={"COLUMNS": "60"})
+    assert listed.returncode == 0, listed.stderr
+    assert entry in listed.stdout and "job-1" in listed.stdout
+    assert str(tmp_path / "jobs.db") in listed.stderr
+    shown = _inferq("dlq", "show", entry, "--data-dir", str(tmp_path))
+    assert shown.returncode == 0 and "job-1" in shown.stdout
+
+
+def test_commands_find_the_bus_of_a_running_dev_on_the_same_data_dir(tmp_path) -> None:
+    import os
+
+    from inferq import devinfo
+
+    tmp_path.mkdir(exist_ok=True)
+    # a dev that is running (this test's own pid stands for it) on an address nothing serves
+    info = devinfo.DevInfo(
+        pid=os.getpid(), env={"INFERQ_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, api="http://x"
+    )
+    devinfo.write(tmp_path, info)
+    r = _inferq("api", "--data-dir", str(tmp_path), env={"INFERQ_KAFKA_BOOTSTRAP": ""})
+    # an empty variable is still a set one: it wins, and says what to set
+    assert r.returncode == 2 and "INFERQ_KAFKA_BOOTSTRAP" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "INFERQ_KAFKA_BOOTSTRAP"}
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "inferq", "topics", "create", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=90,
+    )  # fmt: skip
+    assert "using the bus of inferq dev" in done.stderr, done.stderr
+    assert "127.0.0.1:1" in done.stderr + done.stdout  # it tried dev's broker
+    # once dev is gone (a pid that does not run), the file is ignored
+    devinfo.write(tmp_path, devinfo.DevInfo(pid=2**22 + 7, env=info.env, api="http://x"))
+    assert devinfo.read(tmp_path) is None

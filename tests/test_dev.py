@@ -5,6 +5,7 @@ roles before the local server, every port free afterwards and no traceback in th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -145,6 +146,9 @@ def test_dev_restarts_crashed_roles_and_ctrl_c_stops_the_broker_last(
         metrics_port = dev.banner_port("worker-0 metrics")
         assert metrics_port != taken_port and port_open(metrics_port), dev.out()
         assert dev.banner_port("control metrics") == control_port
+        info = json.loads((tmp_path / "data" / "dev.json").read_text())
+        assert info["env"]["INFERQ_KAFKA_BOOTSTRAP"] == f"127.0.0.1:{kafka_port}"
+        assert info["ports"]["api"] == api_port
         _job_succeeds(api, 1.0)
 
         worker = dev.pid("worker-0")
@@ -168,6 +172,7 @@ def test_dev_restarts_crashed_roles_and_ctrl_c_stops_the_broker_last(
         assert dev.proc.poll() is None
 
         out = dev.ctrl_c()
+        assert not (tmp_path / "data" / "dev.json").exists()  # no stale pointer to a dead bus
         ports = {"api": api_port, "kafka": kafka_port, "worker metrics": metrics_port}
         ports["control metrics"] = control_port
         assert _listening(ports) == [], out
