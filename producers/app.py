@@ -8,6 +8,7 @@ and the job row says so, so no accepted job is ever lost.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import re
@@ -29,7 +30,7 @@ from jobstore.store import JobStore
 from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
 from producers.errors import ApiError, install_handlers
-from producers.limits import BodySizeLimit
+from producers.limits import BodySizeLimit, JobIdPath
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
 from producers.ssrf import UrlGuard
@@ -44,6 +45,7 @@ from schemas.contracts import (
 from schemas.envelope import new_envelope
 from schemas.errors import ErrorCode, ErrorResponse
 from schemas.jobs import (
+    MODEL_NAME_PATTERN,
     AutoscaleResource,
     JobPage,
     JobRequest,
@@ -55,7 +57,8 @@ from schemas.jobs import (
 from transports.base import DepthProbe, Publisher, TransportError
 from transports.blobs import ClaimCheck
 
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 MAX_WAIT_S = 60.0
 
 
@@ -173,7 +176,23 @@ def create_app(deps: ApiDeps) -> FastAPI:
 
     _routes(app)
     app.include_router(webhook_router())
+    _document_models(app, deps.models)
     return app
+
+
+def _document_models(app: FastAPI, models: Callable[[], list[ModelConfig]]) -> None:
+    """The OpenAPI document names the models this server knows, as of each fetch."""
+    generate = app.openapi  # FastAPI's own, which caches the static part
+
+    def openapi() -> dict[str, Any]:
+        doc = copy.deepcopy(generate())
+        names = sorted({c.name for c in models()})
+        request = doc["components"]["schemas"]["JobRequest"]
+        if names:
+            request["properties"]["model"]["enum"] = names
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _routes(app: FastAPI) -> None:
@@ -188,7 +207,15 @@ def _routes(app: FastAPI) -> None:
         body: JobRequest,
         response: Response,
         st: State,
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description="Replays of the same key and body return the same job (400 "
+                "`invalid_idempotency_key` when it does not match the pattern).",
+                json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
+            ),
+        ] = None,
     ) -> JobResource:
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise _reject(
@@ -259,6 +286,16 @@ def _routes(app: FastAPI) -> None:
                 None,
                 headers={"Retry-After": "2"},
             ) from exc
+        except Exception:
+            # anything unplanned: the row must not stay queued, holding a backlog slot for a
+            # job that will never run
+            await asyncio.to_thread(
+                st.deps.store.abandon_unpublished,
+                record.id,
+                ErrorCode.INTERNAL_ERROR.value,
+                "the job could not be published",
+            )
+            raise
         finally:
             st.metrics.publish_retries.inc(st.publisher.retries - retries_before)
         st.metrics.submitted.labels(config.name).inc()
@@ -268,7 +305,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}", response_model=JobResource, responses=_ERRORS, tags=["jobs"])
     async def get_job(
-        job_id: str,
+        job_id: JobIdPath,
         st: State,
         wait: Annotated[
             float,
@@ -300,7 +337,7 @@ def _routes(app: FastAPI) -> None:
     async def list_jobs(
         st: State,
         status: JobStatus | None = None,
-        model: str | None = None,
+        model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: str | None = None,
     ) -> JobPage:
@@ -317,7 +354,7 @@ def _routes(app: FastAPI) -> None:
     @app.post(
         "/v1/jobs/{job_id}/cancel", response_model=JobResource, responses=_ERRORS, tags=["jobs"]
     )
-    async def cancel_job(job_id: str, st: State) -> JobResource:
+    async def cancel_job(job_id: JobIdPath, st: State) -> JobResource:
         try:
             record = await asyncio.to_thread(st.deps.store.cancel, job_id)
         except JobNotFound as exc:

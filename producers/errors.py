@@ -9,8 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from schemas.errors import ErrorCode, ErrorDetail, ErrorResponse
+from schemas.storable import error_field, printable
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,20 @@ def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail
         if code is ErrorCode.MALFORMED_JSON:
             status = 400
         field = ".".join(path) if path else ("body" if where == "body" else where)
+        # an unknown key may hold a lone surrogate, which no JSON answer can carry
+        field = printable(error_field(err, field))
         details.append(ErrorDetail(code=code, message=f"{field}: {err.get('msg')}", field=field))
     return status, details
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method some route of the app answers on this path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -71,15 +85,26 @@ def install_handlers(app: FastAPI) -> None:
         status, details = _from_validation(exc)
         return error_response(status, details)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
-            exc.status_code, ErrorCode.FIELD_INVALID
-        )
+        code = {
+            400: ErrorCode.MALFORMED_JSON,  # FastAPI's "There was an error parsing the body"
+            404: ErrorCode.NOT_FOUND,
+            405: ErrorCode.METHOD_NOT_ALLOWED,
+        }.get(exc.status_code, ErrorCode.FIELD_INVALID)
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(_allowed(request))
         return error_response(
             exc.status_code,
-            [ErrorDetail(code=code, message=str(exc.detail))],
-            dict(exc.headers) if exc.headers else None,
+            [
+                ErrorDetail(
+                    code=code,
+                    message=str(exc.detail),
+                    field="body" if code is ErrorCode.MALFORMED_JSON else None,
+                )
+            ],
+            headers or None,
         )
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

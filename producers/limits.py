@@ -1,17 +1,24 @@
-"""A pure ASGI middleware that refuses request bodies over a size limit with 413.
+"""Request limits: a pure ASGI middleware that refuses bodies over a size limit with 413,
+and the shape a job id in a path must have.
 
-It buffers the body (bounded by the limit) before the app sees it, so an oversized or
-lying chunked upload never reaches JSON parsing.
+The middleware buffers the body (bounded by the limit) before the app sees it, so an
+oversized or lying chunked upload never reaches JSON parsing.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.errors import ErrorCode
+from schemas.jobs import JOB_ID_PATTERN
+
+# Every id the API or the bus gives a job matches the pattern; anything else (a NUL, which
+# PostgreSQL cannot even compare) is refused with 422 before the store sees it.
+JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="A job id.")]
 
 
 class BodySizeLimit:

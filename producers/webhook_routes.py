@@ -11,6 +11,7 @@ from prometheus_client import Counter
 from jobstore.outbox import WebhookOutbox
 from jobstore.store import JobStore
 from producers.errors import ApiError
+from producers.limits import JobIdPath
 from producers.ssrf import UrlGuard, WebhookUrlError
 from schemas.errors import ErrorCode, ErrorResponse
 from schemas.jobs import WebhookEvent
@@ -50,7 +51,7 @@ def webhook_router() -> APIRouter:
     router = APIRouter(tags=["webhooks"])
 
     @router.get("/v1/jobs/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=_ERRORS)
-    async def list_deliveries(job_id: str, request: Request) -> WebhookDeliveryList:
+    async def list_deliveries(job_id: JobIdPath, request: Request) -> WebhookDeliveryList:
         store = _store(request)
         if await asyncio.to_thread(store.get, job_id) is None:
             raise _not_found(job_id)
@@ -64,7 +65,7 @@ def webhook_router() -> APIRouter:
         responses=_ERRORS,
     )
     async def replay(
-        job_id: str,
+        job_id: JobIdPath,
         request: Request,
         event: list[WebhookEvent] | None = Query(default=None),
     ) -> WebhookDeliveryList:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import ErrorCode
 from schemas.jobs import JOB_ID_PATTERN, JobRequest
+from schemas.storable import error_field, printable
 
 JOB_REQUESTED = "inferq.job.requested"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
@@ -142,6 +143,7 @@ def _validate(attrs: dict[str, Any], prefix: str) -> JobEnvelope:
         loc = [str(p) for p in first["loc"]]
         in_data = bool(loc) and loc[0] == "data"
         field = ".".join(loc[1:]) if in_data else prefix + ".".join(loc)
+        field = printable(error_field(first, field))
         code = ErrorCode.INVALID_INPUT if in_data else ErrorCode.INVALID_ENVELOPE
         raise EnvelopeError(
             code, f"{field or 'data'}: {first['msg']}", field=field or "data", job_id=job_id
