@@ -65,6 +65,7 @@ def _missing(ids: list[str]) -> JSONResponse:
 def make_router(letters: DeadLetterStore, redriver: Redriver) -> APIRouter:
     router = APIRouter(prefix="/v1/dlq", tags=["dead letters"])
     errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse},
         404: {"model": ErrorResponse},
         422: {"model": ErrorResponse},
     }

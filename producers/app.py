@@ -30,7 +30,7 @@ from jobstore.store import JobStore
 from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
 from producers.errors import ApiError, install_handlers
-from producers.limits import BodySizeLimit, JobIdPath
+from producers.limits import BodySizeLimit, JobIdPath, no_unknown_query
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
 from producers.ssrf import UrlGuard
@@ -159,6 +159,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         version="0.1.0",
         description="Asynchronous ML inference jobs: submit, poll or wait, get results.",
         lifespan=lifespan,
+        dependencies=[Depends(no_unknown_query)],
     )
     app.state.inferq = state
     install_handlers(app)
@@ -176,20 +177,49 @@ def create_app(deps: ApiDeps) -> FastAPI:
 
     _routes(app)
     app.include_router(webhook_router())
-    _document_models(app, deps.models)
+    _document_models(app, deps.models, inline_only=deps.claim_check is None)
     return app
 
 
-def _document_models(app: FastAPI, models: Callable[[], list[ModelConfig]]) -> None:
-    """The OpenAPI document names the models this server knows, as of each fetch."""
+def _document_models(
+    app: FastAPI, models: Callable[[], list[ModelConfig]], *, inline_only: bool
+) -> None:
+    """The OpenAPI document states what a submit must hold, as of each fetch: the known
+    model names and versions, each model's input contract, and exactly one of ``input``
+    and ``input_url`` (only ``input`` without a claim-check store)."""
     generate = app.openapi  # FastAPI's own, which caches the static part
 
     def openapi() -> dict[str, Any]:
         doc = copy.deepcopy(generate())
-        names = sorted({c.name for c in models()})
+        configs = models()
         request = doc["components"]["schemas"]["JobRequest"]
-        if names:
-            request["properties"]["model"]["enum"] = names
+        props = request["properties"]
+        if configs:
+            props["model"]["enum"] = sorted({c.name for c in configs})
+            by_contract: dict[tuple[str, str], list[str]] = {}
+            for c in configs:
+                by_contract.setdefault((c.name, c.adapter), []).append(c.version)
+            request["anyOf"] = [
+                {
+                    "properties": {
+                        "model": {"const": name},
+                        "version": {"anyOf": [{"enum": sorted(versions)}, {"type": "null"}]},
+                        "input": {"anyOf": [_input_schema(adapter), {"type": "null"}]},
+                    }
+                }
+                for (name, adapter), versions in sorted(by_contract.items())
+            ]
+        if inline_only:  # no claim-check store: input_url is refused, input is required
+            props.pop("input_url", None)
+            request["required"] = sorted({*request.get("required", []), "input"})
+            props["input"] = {k: v for k, v in props["input"].items() if k != "anyOf"} | {
+                "type": "object"
+            }
+        else:
+            request["oneOf"] = [
+                {"required": ["input"], "properties": {"input": {"type": "object"}}},
+                {"required": ["input_url"], "properties": {"input_url": {"type": "string"}}},
+            ]
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -339,7 +369,15 @@ def _routes(app: FastAPI) -> None:
         status: JobStatus | None = None,
         model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: str | None = None,
+        cursor: Annotated[
+            str | None,
+            Query(
+                description="`next_cursor` of the previous page; any other value is 400 "
+                "`invalid_cursor`.",
+                # documented shape only: the store decodes it, and refuses it with 400
+                json_schema_extra={"minLength": 1, "pattern": r"^[A-Za-z0-9_\-]+$"},
+            ),
+        ] = None,
     ) -> JobPage:
         try:
             records, next_cursor = await asyncio.to_thread(

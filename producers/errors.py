@@ -58,6 +58,7 @@ def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail
         code = _PYDANTIC_CODES.get(err.get("type", ""), ErrorCode.FIELD_INVALID)
         if code is ErrorCode.MALFORMED_JSON:
             status = 400
+            path = []  # the loc is a character offset, not a field
         field = ".".join(path) if path else ("body" if where == "body" else where)
         # an unknown key may hold a lone surrogate, which no JSON answer can carry
         field = printable(error_field(err, field))

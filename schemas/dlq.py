@@ -48,7 +48,16 @@ class DeadLetterFilterBody(BaseModel):
 class RedriveRequest(BaseModel):
     """Redrive the given entries, or every entry that matches the filter."""
 
-    model_config = ConfigDict(extra="forbid")
+    # "exactly one of ids and filter", stated in the schema too
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["ids"], "properties": {"ids": {"type": "array"}}},
+                {"required": ["filter"], "properties": {"filter": {"type": "object"}}},
+            ]
+        },
+    )
 
     ids: list[EntryId] | None = Field(default=None, min_length=1, max_length=10_000)
     filter: DeadLetterFilterBody | None = None

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -25,6 +26,7 @@ from schemas.storable import (
     Unstorable,
     check_json,
     check_text,
+    not_bool,
     pydantic_error,
 )
 
@@ -97,8 +99,10 @@ class JobRequest(BaseModel):
         "`input_url`.",
     )
     webhook: WebhookSpec | None = None
-    priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9.")
-    ttl_s: int | None = Field(
+    priority: Annotated[int, BeforeValidator(not_bool)] = Field(
+        default=5, ge=0, le=9, description="0 (lowest) to 9."
+    )
+    ttl_s: Annotated[int, BeforeValidator(not_bool)] | None = Field(
         default=None, ge=1, le=7 * 24 * 3600, description="A job not started by then expires."
     )
     metadata: dict[str, Any] | None = Field(

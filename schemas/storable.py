@@ -16,7 +16,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, StringConstraints
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 METADATA_MAX_DEPTH = 16
@@ -105,11 +105,28 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def not_bool(value: Any) -> Any:
+    """For a BeforeValidator: JSON ``true`` is not the number 1 (pydantic's lax mode says it is)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
+    return value
+
+
 def _safe_text(value: str) -> str:
     problem = text_problem(value)
     if problem is not None:
         raise PydanticCustomError("unstorable", "{message}", {"message": problem})
     return value
+
+
+_DATE_START = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _rfc3339(value: Any) -> Any:
+    """Only a date-time string, as documented: pydantic would read ``0.5`` as a timestamp."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _DATE_START.match(value)):
+        return value
+    raise PydanticCustomError("datetime_type", "expected an RFC 3339 date-time")
 
 
 def _utc(value: datetime) -> datetime:
@@ -129,4 +146,4 @@ SafeText = Annotated[
     str, StringConstraints(max_length=256, pattern=NO_NUL_PATTERN), AfterValidator(_safe_text)
 ]
 # A date compared with stored timestamps: representable in UTC.
-UtcDateTime = Annotated[datetime, AfterValidator(_utc)]
+UtcDateTime = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_utc)]

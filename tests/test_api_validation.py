@@ -371,3 +371,46 @@ async def test_body_that_cannot_be_parsed_is_400_malformed_json(api: Api) -> Non
     assert r.status_code == 400, r.text
     assert (_error(r)["code"], _error(r)["field"]) == ("malformed_json", "body")
     await api.assert_nothing_kept()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/jobs?stauts=queued", "/v1/jobs/x?wiat=5", "/v1/dlq?modle=identity", "/v1/dlq?c%C2%B7=1"],
+)
+async def test_unknown_query_parameter_is_422(api: Api, path: str) -> None:
+    r = await api.client.get(path)
+    assert r.status_code == 422, r.text
+    assert _error(r)["code"] == "field_unknown"
+    assert _error(r)["field"] == path.split("?")[1].split("=")[0].replace("%C2%B7", "·")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "identity", "input": {"tensor": [1]}, "priority": False},
+        {"model": "identity", "input": {"tensor": [1]}, "ttl_s": True},
+        {"model": "identity", "input": {"tensor": [True]}},
+    ],
+)
+async def test_booleans_are_not_numbers(api: Api, body: dict[str, Any]) -> None:
+    r = await api.client.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert _error(r)["code"] in ("field_invalid", "invalid_input")
+    await api.assert_nothing_kept()
+
+
+@pytest.mark.parametrize("query", ["since=0.5", "until=1700000000"])
+async def test_dlq_dates_must_be_dates(api: Api, query: str) -> None:
+    r = await api.client.get(f"/v1/dlq?{query}")
+    assert r.status_code == 422, r.text
+    assert (_error(r)["code"], _error(r)["field"]) == ("field_invalid", query.split("=")[0])
+
+
+async def test_empty_cursor_is_400_and_malformed_redrive_json_is_400(api: Api) -> None:
+    r = await api.client.get("/v1/jobs?cursor=")
+    assert r.status_code == 400 and _error(r)["code"] == "invalid_cursor"
+    r = await api.client.post(
+        "/v1/dlq/redrive", content=b"\x00", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    assert (_error(r)["code"], _error(r)["field"]) == ("malformed_json", "body")

@@ -1,0 +1,106 @@
+"""Property-based HTTP fuzzing of the whole API, driven by its own OpenAPI document.
+
+schemathesis runs every operation through its examples, coverage, fuzzing and stateful
+phases with every check: no 5xx, no response outside its schema, no undocumented status
+code or header, 405 with a full Allow header, negative data rejected. It runs against a real
+API process on PostgreSQL and a Kafka-protocol broker, because several of the bugs it finds
+(NUL in text, bigint overflow) exist only there.
+
+The budget is small enough for CI on two busy cores; `make fuzz` runs a larger one
+(INFERQ_FUZZ_MAX_EXAMPLES). A failure prints schemathesis's report and the seed that
+reproduces it (INFERQ_FUZZ_SEED).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+
+from tests.procs import Stack
+from transports.broker import EmbeddedKafka
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.kafka]
+
+MAX_EXAMPLES = int(os.environ.get("INFERQ_FUZZ_MAX_EXAMPLES", "12"))
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+RUN_TIMEOUT_S = int(os.environ.get("INFERQ_FUZZ_TIMEOUT_S", "240"))
+
+
+@pytest.fixture
+def fuzz_database(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for the run, dropped afterwards."""
+    name = f"inferq_fuzz_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 120)
+def test_schemathesis_finds_nothing_on_postgres_and_kafka(
+    tmp_path: Path,
+    kafka_broker: EmbeddedKafka,
+    topic: str,
+    model_repo: Path,
+    fuzz_database: str,
+) -> None:
+    stack = Stack(tmp_path, kafka_broker.bootstrap, topic, model_repo, database_url=fuzz_database)
+    seed = int(os.environ.get("INFERQ_FUZZ_SEED", random.randrange(2**31)))
+    try:
+        _, url = stack.api()
+        command = [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--config-file",
+            str(CONFIG),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "all",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            "--max-examples",
+            str(MAX_EXAMPLES),
+            "--seed",
+            str(seed),
+            "--workers",
+            "1",
+            "--request-timeout",
+            "30",
+            "--generation-database",
+            "none",
+            "--no-color",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path / "report"),
+        ]
+        try:
+            run = subprocess.run(
+                command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=tmp_path
+            )
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            pytest.fail(f"schemathesis ran past {RUN_TIMEOUT_S}s (seed {seed}):\n{out[-6000:]}")
+        assert run.returncode == 0, (
+            f"schemathesis found failures (INFERQ_FUZZ_SEED={seed}):\n{run.stdout[-12000:]}\n"
+            f"{run.stderr[-3000:]}\n{stack.log('api')}"
+        )
+        assert "No issues found" in run.stdout or "passed" in run.stdout, run.stdout[-3000:]
+    finally:
+        stack.stop_all()
