@@ -130,15 +130,16 @@ def _rfc3339(value: Any) -> Any:
 
 
 def _utc(value: datetime) -> datetime:
-    """Aware and in UTC (naive means UTC); a date that leaves the calendar is refused."""
+    """Aware and in UTC (naive means UTC). A valid date that its offset shifts out of the
+    calendar (0001-01-01T00:00+01:00) becomes its first or last instant: as a bound on
+    stored timestamps it means the same."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
     try:
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
-    except (OverflowError, ValueError) as exc:
-        raise PydanticCustomError(
-            "datetime_range", "the date is out of range once converted to UTC"
-        ) from exc
+    except OverflowError:
+        edge = datetime.min if value.year == datetime.min.year else datetime.max
+        return edge.replace(tzinfo=UTC)
 
 
 # A query or path value matched against stored text: no NUL, valid Unicode, bounded.

@@ -97,6 +97,7 @@ def test_schemathesis_finds_nothing_on_postgres_and_kafka(
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             pytest.fail(f"schemathesis ran past {RUN_TIMEOUT_S}s (seed {seed}):\n{out[-6000:]}")
+        print(run.stdout[-3000:])  # the summary, in the log of a passing run too
         assert run.returncode == 0, (
             f"schemathesis found failures (INFERQ_FUZZ_SEED={seed}):\n{run.stdout[-12000:]}\n"
             f"{run.stderr[-3000:]}\n{stack.log('api')}"
