@@ -25,12 +25,16 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+from dlq.router import DeadLetter
+from dlq.store import DeadLetterStore
+from jobstore.store import JobStore
 from tests.procs import Stack
+from transports.base import Delivery
 from transports.broker import EmbeddedKafka
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.kafka]
 
-MAX_EXAMPLES = int(os.environ.get("INFERQ_FUZZ_MAX_EXAMPLES", "12"))
+MAX_EXAMPLES = int(os.environ.get("INFERQ_FUZZ_MAX_EXAMPLES", "50"))
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 RUN_TIMEOUT_S = int(os.environ.get("INFERQ_FUZZ_TIMEOUT_S", "240"))
 
@@ -50,6 +54,25 @@ def fuzz_database(postgres_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def _seed_dead_letters(database_url: str, topic: str) -> str:
+    """Dead letters to show and redrive (one whose payload no JSON answer could carry as
+    JSON), so the DLQ operations reach past 404."""
+    store = JobStore(database_url)
+    letters = DeadLetterStore(store.engine)
+    letters.create_schema()
+    payloads = [b'{"model": "identity", "input": {"tensor": [1]}}', b'{"k": "\\ud83d"}', b"\xff"]
+    ids = []
+    for i, payload in enumerate(payloads):
+        delivery = Delivery(value=payload, key=None, headers={}, source=topic, position=f"0@{i}")
+        ids.append(
+            letters.add(
+                DeadLetter(delivery, "invalid_input", "seeded", None, "identity", "1", "Seed", 1)
+            )
+        )
+    store.close()
+    return ids[1]
+
+
 @pytest.mark.timeout(RUN_TIMEOUT_S + 120)
 def test_schemathesis_finds_nothing_on_postgres_and_kafka(
     tmp_path: Path,
@@ -62,12 +85,20 @@ def test_schemathesis_finds_nothing_on_postgres_and_kafka(
     seed = int(os.environ.get("INFERQ_FUZZ_SEED", random.randrange(2**31)))
     try:
         _, url = stack.api()
+        entry = _seed_dead_letters(fuzz_database, topic)
+        # nothing in the API creates a dead letter, so show one that exists (the worst one)
+        config = tmp_path / "schemathesis.toml"
+        config.write_text(
+            CONFIG.read_text() + "\n[[operations]]\n"
+            'include-name = "GET /v1/dlq/{entry_id}"\n'
+            f'parameters = {{ "path.entry_id" = "{entry}" }}\n'
+        )
         command = [
             sys.executable,
             "-m",
             "schemathesis.cli",
             "--config-file",
-            str(CONFIG),
+            str(config),
             "run",
             f"{url}/openapi.json",
             "--checks",
