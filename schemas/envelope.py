@@ -8,6 +8,7 @@ never touches a broker, so the same rules hold on every transport.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -120,7 +121,9 @@ _REQUIRED = ("specversion", "id", "source", "type")
 
 
 def _validate(attrs: dict[str, Any], prefix: str) -> JobEnvelope:
-    job_id = attrs.get("id") if isinstance(attrs.get("id"), str) else None
+    raw_id = attrs.get("id")
+    # only an id the store can hold (no NUL) is carried on, to fail its row and name it
+    job_id = raw_id if isinstance(raw_id, str) and re.fullmatch(JOB_ID_PATTERN, raw_id) else None
     for name in _REQUIRED:
         if name not in attrs:
             raise EnvelopeError(

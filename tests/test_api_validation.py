@@ -28,6 +28,8 @@ from dlq.store import DeadLetterStore
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
 from schemas.contracts import ModelConfig
+from schemas.envelope import EnvelopeError, decode_message
+from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
 from schemas.storable import METADATA_MAX_BYTES, METADATA_MAX_DEPTH
 from transports.base import Delivery
@@ -427,3 +429,51 @@ async def test_empty_cursor_is_400_and_malformed_redrive_json_is_400(api: Api) -
     )
     assert r.status_code == 400, r.text
     assert (_error(r)["code"], _error(r)["field"]) == ("malformed_json", "body")
+
+
+# --- the same rules for a job decoded off the bus by a worker ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (
+            b'{"model": "identity", "input": {"tensor": [1]}, "metadata": {"k": "a\\u0000"}}',
+            "metadata.k",
+        ),
+        (
+            b'{"model": "identity", "input": {"tensor": [1]}, "metadata": {"k": "\\ud83d"}}',
+            "metadata.k",
+        ),
+        (b'{"model": "minilm", "input": {"text": "a\\u0000b"}}', "input.text"),
+        (
+            b'{"model": "identity", "input": {"tensor": [1]}, "metadata": '
+            + _nested(300).encode()
+            + b"}",
+            "metadata",
+        ),
+    ],
+)
+def test_bus_jobs_obey_the_same_storable_rules(data: bytes, field: str) -> None:
+    headers = {
+        "ce_specversion": b"1.0",
+        "ce_id": b"job-1",
+        "ce_source": b"urn:test",
+        "ce_type": b"inferq.job.requested",
+    }
+    with pytest.raises(EnvelopeError) as caught:
+        decode_message(headers, data)
+    assert (caught.value.code, caught.value.field) == (ErrorCode.INVALID_INPUT, field)
+    assert caught.value.job_id == "job-1"
+
+
+def test_a_bus_job_id_the_store_cannot_hold_is_not_carried_on() -> None:
+    headers = {
+        "ce_specversion": b"1.0",
+        "ce_id": b"a\x00b",
+        "ce_source": b"urn:test",
+        "ce_type": b"inferq.job.requested",
+    }
+    with pytest.raises(EnvelopeError) as caught:
+        decode_message(headers, b'{"model": "identity", "input": {"tensor": [1]}}')
+    assert caught.value.field == "ce_id" and caught.value.job_id is None
