@@ -70,7 +70,7 @@ def make_router(letters: DeadLetterStore, redriver: Redriver) -> APIRouter:
         422: {"model": ErrorResponse},
     }
 
-    @router.get("", response_model=DeadLetterPage)
+    @router.get("", response_model=DeadLetterPage, responses=errors)
     async def list_dead_letters(
         model: SafeText | None = None,
         code: SafeText | None = None,

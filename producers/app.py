@@ -191,8 +191,11 @@ def _document_models(
 
     def openapi() -> dict[str, Any]:
         doc = copy.deepcopy(generate())
+        _error_shape_for_422(doc)
         configs = models()
-        request = doc["components"]["schemas"]["JobRequest"]
+        request = doc.get("components", {}).get("schemas", {}).get("JobRequest")
+        if request is None:  # no submit route (never in this app; keeps the doc servable)
+            return doc
         props = request["properties"]
         if configs:
             props["model"]["enum"] = sorted({c.name for c in configs})
@@ -223,6 +226,20 @@ def _document_models(
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error_shape_for_422(doc: dict[str, Any]) -> None:
+    """FastAPI documents its own 422 body ({"detail": ...}); this app answers ErrorResponse."""
+    schemas = doc.get("components", {}).get("schemas", {})
+    if "ErrorResponse" not in schemas:
+        return
+    for operation in (op for item in doc.get("paths", {}).values() for op in item.values()):
+        answer = operation.get("responses", {}).get("422", {})
+        media = answer.get("content", {}).get("application/json", {})
+        if media.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+            media["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
 
 
 def _routes(app: FastAPI) -> None:
@@ -454,7 +471,7 @@ def _routes(app: FastAPI) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Not ready (same body)."}})
     async def readyz(st: State) -> JSONResponse:
         checks: dict[str, Any] = {}
         ready = True
@@ -479,7 +496,7 @@ def _routes(app: FastAPI) -> None:
         await st.backlog.current()  # backlog, lag and autoscaling gauges as of this scrape
         return Response(generate_latest(st.deps.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/asyncapi.json", tags=["ops"])
+    @app.get("/asyncapi.json", tags=["ops"], responses={404: {"model": ErrorResponse}})
     async def asyncapi(st: State) -> JSONResponse:
         doc = st.deps.config.asyncapi
         if doc is None:

@@ -477,3 +477,14 @@ def test_a_bus_job_id_the_store_cannot_hold_is_not_carried_on() -> None:
     with pytest.raises(EnvelopeError) as caught:
         decode_message(headers, b'{"model": "identity", "input": {"tensor": [1]}}')
     assert caught.value.field == "ce_id" and caught.value.job_id is None
+
+
+async def test_openapi_documents_the_error_shape_for_every_422(api: Api) -> None:
+    doc = (await api.client.get("/openapi.json")).json()
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            answer = operation["responses"].get("422")
+            if answer is not None:
+                schema = answer["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path)
