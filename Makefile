@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.inferq-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run models test test-fast lint typecheck imports check bench schemas clean
+.PHONY: setup run models test test-fast fuzz lint typecheck imports check bench schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# schemathesis over the OpenAPI document against a real API on PostgreSQL + Kafka, with a
+# larger budget than the suite's (which `make test` also runs). FUZZ_EXAMPLES per operation.
+FUZZ_EXAMPLES ?= 300
+fuzz: setup
+	INFERQ_FUZZ_MAX_EXAMPLES=$(FUZZ_EXAMPLES) INFERQ_FUZZ_TIMEOUT_S=1200 \
+		$(BIN)/python -m pytest tests/test_fuzz_api.py -s $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 
 from dlq.redrive import Redriver
@@ -17,8 +16,19 @@ from dlq.store import (
     headers_json,
     payload_preview,
 )
-from schemas.dlq import DeadLetterPage, DeadLetterResource, RedriveRequest, RedriveResult
+from schemas.dlq import (
+    ENTRY_ID_PATTERN,
+    DeadLetterPage,
+    DeadLetterResource,
+    RedriveRequest,
+    RedriveResult,
+)
 from schemas.errors import ErrorCode, ErrorDetail, ErrorResponse
+from schemas.storable import SafeText, UtcDateTime
+
+# Far past any real queue, and offset + limit stays inside a signed 64-bit integer (the
+# PostgreSQL bigint an OFFSET is) and inside what a JSON number carries exactly.
+MAX_OFFSET = 2**53 - 1
 
 
 def resource(r: DeadLetterRecord, *, full: bool = False) -> DeadLetterResource:
@@ -55,19 +65,20 @@ def _missing(ids: list[str]) -> JSONResponse:
 def make_router(letters: DeadLetterStore, redriver: Redriver) -> APIRouter:
     router = APIRouter(prefix="/v1/dlq", tags=["dead letters"])
     errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse},
         404: {"model": ErrorResponse},
         422: {"model": ErrorResponse},
     }
 
-    @router.get("", response_model=DeadLetterPage)
+    @router.get("", response_model=DeadLetterPage, responses=errors)
     async def list_dead_letters(
-        model: str | None = None,
-        code: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        model: SafeText | None = None,
+        code: SafeText | None = None,
+        since: UtcDateTime | None = None,
+        until: UtcDateTime | None = None,
         include_redriven: bool = False,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> DeadLetterPage:
         f = DeadLetterFilter(model, code, since, until, include_redriven)
         rows = await asyncio.to_thread(letters.list, f, limit=limit + 1, offset=offset)
@@ -77,7 +88,9 @@ def make_router(letters: DeadLetterStore, redriver: Redriver) -> APIRouter:
         )
 
     @router.get("/{entry_id}", response_model=DeadLetterResource, responses=errors)
-    async def show_dead_letter(entry_id: str) -> DeadLetterResource | JSONResponse:
+    async def show_dead_letter(
+        entry_id: Annotated[str, Path(pattern=ENTRY_ID_PATTERN)],
+    ) -> DeadLetterResource | JSONResponse:
         found = await asyncio.to_thread(letters.get_many, [entry_id])
         if entry_id not in found:
             return _missing([entry_id])

@@ -34,6 +34,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from dlq.router import DeadLetter
+from schemas.storable import check_json
+
+PREVIEW_MAX_DEPTH = 64  # well inside what the response serialiser takes
 
 _META = MetaData()
 DEAD_LETTERS = Table(
@@ -241,7 +244,10 @@ def headers_json(headers: dict[str, bytes]) -> dict[str, str]:
 
 
 def payload_preview(payload: bytes, limit: int = 2000) -> Any:
+    """The message as JSON when it is JSON a response can carry, else as (cut) text."""
     try:
-        return json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = json.loads(payload)
+        check_json(doc, "payload", max_depth=PREVIEW_MAX_DEPTH)
+        return doc
+    except (UnicodeDecodeError, RecursionError, ValueError):  # JSONDecodeError, Unstorable
         return payload[:limit].decode("utf-8", "replace")

@@ -7,6 +7,7 @@ import base64
 import binascii
 import builtins
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -43,7 +44,7 @@ from jobstore.records import (
     require_aware,
 )
 from jobstore.tables import UTCDateTime, jobs_table
-from schemas.jobs import JobStatus
+from schemas.jobs import JOB_ID_PATTERN, JobStatus
 
 _T = TypeVar("_T")
 
@@ -320,8 +321,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created_at, job_id = decoded
         if not isinstance(created_at, str) or not isinstance(job_id, str):
             raise ValueError("cursor fields must be strings")
+        # a tampered id (NUL, a lone surrogate) must not reach the store's comparison
+        if re.fullmatch(JOB_ID_PATTERN, job_id) is None:
+            raise ValueError("cursor id is not a job id")
         return require_aware(datetime.fromisoformat(created_at), "cursor"), job_id
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError, OverflowError) as exc:
+        # OverflowError: a date at the edge of the calendar, shifted out of it by its offset
         raise InvalidCursor(cursor) from exc
 
 

@@ -8,6 +8,7 @@ and the job row says so, so no accepted job is ever lost.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
 from producers.docs import install_offline_docs
 from producers.errors import STORE_DOWN, ApiError, install_handlers
-from producers.limits import BodySizeLimit
+from producers.limits import BodySizeLimit, JobIdPath, no_unknown_query
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
 from producers.readiness import assess
@@ -45,6 +46,7 @@ from schemas.contracts import (
 from schemas.envelope import new_envelope
 from schemas.errors import ErrorCode, ErrorResponse
 from schemas.jobs import (
+    MODEL_NAME_PATTERN,
     AutoscaleResource,
     JobPage,
     JobRequest,
@@ -58,7 +60,8 @@ from transports.blobs import ClaimCheck
 from webhooks.routes import check_webhook_url, webhook_router
 from webhooks.ssrf import UrlGuard
 
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 MAX_WAIT_S = 60.0
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         description="Asynchronous ML inference jobs: submit, poll or wait, get results.",
         lifespan=lifespan,
         docs_url=None,  # served below from the package's own assets: no CDN, works offline
+        dependencies=[Depends(no_unknown_query)],
     )
     install_offline_docs(app)
     app.state.inferq = state
@@ -182,7 +186,69 @@ def create_app(deps: ApiDeps) -> FastAPI:
 
     _routes(app)
     app.include_router(webhook_router())
+    _document_models(app, deps.models, inline_only=deps.claim_check is None)
     return app
+
+
+def _document_models(
+    app: FastAPI, models: Callable[[], list[ModelConfig]], *, inline_only: bool
+) -> None:
+    """The OpenAPI document states what a submit must hold, as of each fetch: the known
+    model names and versions, each model's input contract, and exactly one of ``input``
+    and ``input_url`` (only ``input`` without a claim-check store)."""
+    generate = app.openapi  # FastAPI's own, which caches the static part
+
+    def openapi() -> dict[str, Any]:
+        doc = copy.deepcopy(generate())
+        _error_shape_for_422(doc)
+        configs = models()
+        request = doc.get("components", {}).get("schemas", {}).get("JobRequest")
+        if request is None:  # no submit route (never in this app; keeps the doc servable)
+            return doc
+        props = request["properties"]
+        if configs:
+            props["model"]["enum"] = sorted({c.name for c in configs})
+            by_contract: dict[tuple[str, str], list[str]] = {}
+            for c in configs:
+                by_contract.setdefault((c.name, c.adapter), []).append(c.version)
+            request["anyOf"] = [
+                {
+                    "properties": {
+                        "model": {"const": name},
+                        "version": {"anyOf": [{"enum": sorted(versions)}, {"type": "null"}]},
+                        "input": {"anyOf": [_input_schema(adapter), {"type": "null"}]},
+                    }
+                }
+                for (name, adapter), versions in sorted(by_contract.items())
+            ]
+        if inline_only:  # no claim-check store: input_url is refused, input is required
+            props.pop("input_url", None)
+            request["required"] = sorted({*request.get("required", []), "input"})
+            props["input"] = {k: v for k, v in props["input"].items() if k != "anyOf"} | {
+                "type": "object"
+            }
+        else:
+            request["oneOf"] = [
+                {"required": ["input"], "properties": {"input": {"type": "object"}}},
+                {"required": ["input_url"], "properties": {"input_url": {"type": "string"}}},
+            ]
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error_shape_for_422(doc: dict[str, Any]) -> None:
+    """FastAPI documents its own 422 body ({"detail": ...}); this app answers ErrorResponse."""
+    schemas = doc.get("components", {}).get("schemas", {})
+    if "ErrorResponse" not in schemas:
+        return
+    for operation in (op for item in doc.get("paths", {}).values() for op in item.values()):
+        answer = operation.get("responses", {}).get("422", {})
+        media = answer.get("content", {}).get("application/json", {})
+        if media.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+            media["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
 
 
 def _routes(app: FastAPI) -> None:
@@ -197,7 +263,15 @@ def _routes(app: FastAPI) -> None:
         body: JobRequest,
         response: Response,
         st: State,
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description="Replays of the same key and body return the same job (400 "
+                "`invalid_idempotency_key` when it does not match the pattern).",
+                json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
+            ),
+        ] = None,
     ) -> JobResource:
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise _reject(
@@ -271,6 +345,16 @@ def _routes(app: FastAPI) -> None:
                 None,
                 headers={"Retry-After": "2"},
             ) from exc
+        except Exception:
+            # anything unplanned: the row must not stay queued, holding a backlog slot for a
+            # job that will never run
+            await asyncio.to_thread(
+                st.deps.store.abandon_unpublished,
+                record.id,
+                ErrorCode.INTERNAL_ERROR.value,
+                "the job could not be published",
+            )
+            raise
         finally:
             st.metrics.publish_retries.inc(st.publisher.retries - retries_before)
         st.metrics.submitted.labels(config.name).inc()
@@ -280,7 +364,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}", response_model=JobResource, responses=_ERRORS, tags=["jobs"])
     async def get_job(
-        job_id: str,
+        job_id: JobIdPath,
         st: State,
         wait: Annotated[
             float,
@@ -312,9 +396,17 @@ def _routes(app: FastAPI) -> None:
     async def list_jobs(
         st: State,
         status: JobStatus | None = None,
-        model: str | None = None,
+        model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: str | None = None,
+        cursor: Annotated[
+            str | None,
+            Query(
+                description="`next_cursor` of the previous page; any other value is 400 "
+                "`invalid_cursor`.",
+                # documented shape only: the store decodes it, and refuses it with 400
+                json_schema_extra={"minLength": 1, "pattern": r"^[A-Za-z0-9_\-]+$"},
+            ),
+        ] = None,
     ) -> JobPage:
         try:
             records, next_cursor = await asyncio.to_thread(
@@ -329,7 +421,7 @@ def _routes(app: FastAPI) -> None:
     @app.post(
         "/v1/jobs/{job_id}/cancel", response_model=JobResource, responses=_ERRORS, tags=["jobs"]
     )
-    async def cancel_job(job_id: str, st: State) -> JobResource:
+    async def cancel_job(job_id: JobIdPath, st: State) -> JobResource:
         try:
             record = await asyncio.to_thread(st.deps.store.cancel, job_id)
         except JobNotFound as exc:
@@ -420,7 +512,7 @@ def _routes(app: FastAPI) -> None:
             log.debug("backlog gauges not refreshed: %s", exc)
         return Response(generate_latest(st.deps.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/asyncapi.json", tags=["ops"])
+    @app.get("/asyncapi.json", tags=["ops"], responses={404: {"model": ErrorResponse}})
     async def asyncapi(st: State) -> JSONResponse:
         doc = st.deps.config.asyncapi
         if doc is None:

@@ -11,9 +11,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from jobstore.errors import StoreUnavailable
 from schemas.errors import ApiError, ErrorCode, ErrorDetail, ErrorResponse
+from schemas.storable import error_field, printable
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail
         code = _PYDANTIC_CODES.get(err.get("type", ""), ErrorCode.FIELD_INVALID)
         if code is ErrorCode.MALFORMED_JSON:
             status = 400
+            path = []  # the loc is a character offset, not a field
         field = ".".join(path) if path else ("body" if where == "body" else where)
+        # an unknown key may hold a lone surrogate, which no JSON answer can carry
+        field = printable(error_field(err, field))
         details.append(ErrorDetail(code=code, message=f"{field}: {err.get('msg')}", field=field))
     return status, details
 
@@ -95,6 +100,16 @@ class _RateLimitedLog:
         self._last, self._suppressed = now, 0
 
 
+def _allowed(request: Request) -> list[str]:
+    """Every method some route of the app answers on this path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_handlers(
     app: FastAPI, *, store_retry_after_s: int = 2, rejected: Counter | None = None
 ) -> None:
@@ -111,15 +126,26 @@ def install_handlers(
         status, details = _from_validation(exc)
         return error_response(status, details)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
-            exc.status_code, ErrorCode.FIELD_INVALID
-        )
+        code = {
+            400: ErrorCode.MALFORMED_JSON,  # FastAPI's "There was an error parsing the body"
+            404: ErrorCode.NOT_FOUND,
+            405: ErrorCode.METHOD_NOT_ALLOWED,
+        }.get(exc.status_code, ErrorCode.FIELD_INVALID)
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(_allowed(request))
         return error_response(
             exc.status_code,
-            [ErrorDetail(code=code, message=str(exc.detail))],
-            dict(exc.headers) if exc.headers else None,
+            [
+                ErrorDetail(
+                    code=code,
+                    message=str(exc.detail),
+                    field="body" if code is ErrorCode.MALFORMED_JSON else None,
+                )
+            ],
+            headers or None,
         )
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -1,17 +1,52 @@
-"""A pure ASGI middleware that refuses request bodies over a size limit with 413.
+"""Request limits: a pure ASGI middleware that refuses bodies over a size limit with 413,
+and the shape a job id in a path must have.
 
-It buffers the body (bounded by the limit) before the app sees it, so an oversized or
-lying chunked upload never reaches JSON parsing.
+The middleware buffers the body (bounded by the limit) before the app sees it, so an
+oversized or lying chunked upload never reaches JSON parsing.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path, Request
+from fastapi.dependencies.models import Dependant
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from producers.errors import ApiError
 from schemas.errors import ErrorCode
+from schemas.jobs import JOB_ID_PATTERN
+from schemas.storable import printable
+
+# Every id the API or the bus gives a job matches the pattern; anything else (a NUL, which
+# PostgreSQL cannot even compare) is refused with 422 before the store sees it.
+JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="A job id.")]
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def no_unknown_query(request: Request) -> None:
+    """422 ``field_unknown`` for a query parameter the route does not declare, on routes
+    that take any: a misspelt filter (``?stauts=queued``) must not silently list everything."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    known = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if known and unknown:
+        name = printable(unknown[0])
+        raise ApiError(
+            422,
+            ErrorCode.FIELD_UNKNOWN,
+            f"unknown query parameter {name!r}; known: {', '.join(sorted(known))}",
+            field=name,
+        )
 
 
 class BodySizeLimit:

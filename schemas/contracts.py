@@ -6,17 +6,24 @@ it; the worker validates again, because services may publish straight onto the b
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.jobs import ModelName, ModelVersion
+from schemas.storable import not_bool
 
 
 class TextEmbeddingInput(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    text: str = Field(min_length=1, max_length=20_000, description="The text to embed.")
+    text: str = Field(
+        min_length=1,
+        max_length=20_000,
+        # stated for clients: something besides whitespace, and no NUL (see schemas.storable)
+        pattern=r"^[^\x00]*[^\s\x00][^\x00]*$",
+        description="The text to embed.",
+    )
 
     @field_validator("text")
     @classmethod
@@ -31,7 +38,9 @@ class TensorInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tensor: list[float] = Field(min_length=1, max_length=65_536)
+    tensor: list[Annotated[float, BeforeValidator(not_bool)]] = Field(
+        min_length=1, max_length=65_536
+    )
 
     @field_validator("tensor")
     @classmethod

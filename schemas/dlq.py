@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from schemas.storable import SafeText, UtcDateTime
+
+# Dead-letter ids are uuid4 hex; the pattern keeps a NUL or a surrogate out of the store.
+ENTRY_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,40}$"
+EntryId = Annotated[str, StringConstraints(pattern=ENTRY_ID_PATTERN)]
 
 
 class DeadLetterResource(BaseModel):
@@ -33,18 +39,27 @@ class DeadLetterPage(BaseModel):
 class DeadLetterFilterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    code: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    model: SafeText | None = None
+    code: SafeText | None = None
+    since: UtcDateTime | None = None
+    until: UtcDateTime | None = None
 
 
 class RedriveRequest(BaseModel):
     """Redrive the given entries, or every entry that matches the filter."""
 
-    model_config = ConfigDict(extra="forbid")
+    # "exactly one of ids and filter", stated in the schema too
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["ids"], "properties": {"ids": {"type": "array"}}},
+                {"required": ["filter"], "properties": {"filter": {"type": "object"}}},
+            ]
+        },
+    )
 
-    ids: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
+    ids: list[EntryId] | None = Field(default=None, min_length=1, max_length=10_000)
     filter: DeadLetterFilterBody | None = None
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ never touches a broker, so the same rules hold on every transport.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import ErrorCode
 from schemas.jobs import JOB_ID_PATTERN, JobRequest
+from schemas.storable import error_field, printable
 
 JOB_REQUESTED = "inferq.job.requested"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
@@ -119,7 +121,9 @@ _REQUIRED = ("specversion", "id", "source", "type")
 
 
 def _validate(attrs: dict[str, Any], prefix: str) -> JobEnvelope:
-    job_id = attrs.get("id") if isinstance(attrs.get("id"), str) else None
+    raw_id = attrs.get("id")
+    # only an id the store can hold (no NUL) is carried on, to fail its row and name it
+    job_id = raw_id if isinstance(raw_id, str) and re.fullmatch(JOB_ID_PATTERN, raw_id) else None
     for name in _REQUIRED:
         if name not in attrs:
             raise EnvelopeError(
@@ -142,6 +146,7 @@ def _validate(attrs: dict[str, Any], prefix: str) -> JobEnvelope:
         loc = [str(p) for p in first["loc"]]
         in_data = bool(loc) and loc[0] == "data"
         field = ".".join(loc[1:]) if in_data else prefix + ".".join(loc)
+        field = printable(error_field(first, field))
         code = ErrorCode.INVALID_INPUT if in_data else ErrorCode.INVALID_ENVELOPE
         raise EnvelopeError(
             code, f"{field or 'data'}: {first['msg']}", field=field or "data", job_id=job_id

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -18,6 +19,16 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from schemas.errors import ErrorCode
+from schemas.storable import (
+    INPUT_MAX_DEPTH,
+    METADATA_MAX_BYTES,
+    METADATA_MAX_DEPTH,
+    Unstorable,
+    check_json,
+    check_text,
+    not_bool,
+    pydantic_error,
+)
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._\-]{0,63}$"
@@ -88,11 +99,17 @@ class JobRequest(BaseModel):
         "`input_url`.",
     )
     webhook: WebhookSpec | None = None
-    priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9.")
-    ttl_s: int | None = Field(
+    priority: Annotated[int, BeforeValidator(not_bool)] = Field(
+        default=5, ge=0, le=9, description="0 (lowest) to 9."
+    )
+    ttl_s: Annotated[int, BeforeValidator(not_bool)] | None = Field(
         default=None, ge=1, le=7 * 24 * 3600, description="A job not started by then expires."
     )
-    metadata: dict[str, Any] | None = Field(default=None, description="Echoed back untouched.")
+    metadata: dict[str, Any] | None = Field(
+        default=None,
+        description=f"Echoed back untouched. At most {METADATA_MAX_DEPTH} levels deep and "
+        f"{METADATA_MAX_BYTES} bytes as JSON; strings hold no NUL and no lone surrogate.",
+    )
 
     @field_validator("input", mode="after")
     @classmethod
@@ -103,6 +120,40 @@ class JobRequest(BaseModel):
             raise PydanticCustomError("missing", "Field required (or give input_url)")
         if v is not None and url is not None:
             raise PydanticCustomError("one_input", "give input or input_url, not both")
+        return v
+
+    # What is stored and published must be storable everywhere (schemas.storable); the same
+    # rules then hold for a job from HTTP and one decoded off the bus by a worker.
+    @field_validator("input_url", mode="after")
+    @classmethod
+    def _storable_url(cls, v: str | None) -> str | None:
+        try:
+            if v is not None:
+                check_text(v, "input_url")
+        except Unstorable as exc:
+            raise pydantic_error(exc) from exc
+        return v
+
+    @field_validator("input", mode="after")
+    @classmethod
+    def _storable_input(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        try:
+            if v is not None:
+                check_json(v, "input", max_depth=INPUT_MAX_DEPTH)
+        except Unstorable as exc:
+            raise pydantic_error(exc) from exc
+        return v
+
+    @field_validator("metadata", mode="after")
+    @classmethod
+    def _storable_metadata(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        try:
+            if v is not None:
+                check_json(
+                    v, "metadata", max_depth=METADATA_MAX_DEPTH, max_bytes=METADATA_MAX_BYTES
+                )
+        except Unstorable as exc:
+            raise pydantic_error(exc) from exc
         return v
 
 

@@ -4,15 +4,15 @@ enable), and the submit-time URL check."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from prometheus_client import Counter
 
 from jobstore.outbox import WebhookOutbox
 from jobstore.store import JobStore
 from schemas.errors import ApiError, ErrorCode, ErrorResponse
-from schemas.jobs import WebhookEvent
+from schemas.jobs import JOB_ID_PATTERN, WebhookEvent
 from schemas.webhooks import (
     DisabledEndpoint,
     DisabledEndpointList,
@@ -22,6 +22,8 @@ from schemas.webhooks import (
 from webhooks.ssrf import UrlGuard, WebhookUrlError
 
 RESOLVE_TIMEOUT_S = 5.0
+# the same rule as the API's job routes: anything else (a NUL) is a 422 before the store
+JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="A job id.")]
 _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (404, 409)}
 
 
@@ -55,7 +57,7 @@ def webhook_router() -> APIRouter:
     router = APIRouter(tags=["webhooks"])
 
     @router.get("/v1/jobs/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=_ERRORS)
-    async def list_deliveries(job_id: str, request: Request) -> WebhookDeliveryList:
+    async def list_deliveries(job_id: JobIdPath, request: Request) -> WebhookDeliveryList:
         store = _store(request)
         if await asyncio.to_thread(store.get, job_id) is None:
             raise _not_found(job_id)
@@ -69,7 +71,7 @@ def webhook_router() -> APIRouter:
         responses=_ERRORS,
     )
     async def replay(
-        job_id: str,
+        job_id: JobIdPath,
         request: Request,
         event: list[WebhookEvent] | None = Query(default=None),
     ) -> WebhookDeliveryList:
