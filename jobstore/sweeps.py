@@ -47,7 +47,8 @@ def envelope_for(record: JobRecord, source: str) -> JobEnvelope:
         ttl_s=ttl_s,
         metadata=record.metadata,
     )
-    return new_envelope(record.id, request, source)
+    # the job's own source: the worker binds an id to its first request and source
+    return new_envelope(record.id, request, record.source or source)
 
 
 def expire_queued(store: JobStore, now: datetime | None = None) -> int:
