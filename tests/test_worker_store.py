@@ -3,6 +3,7 @@ job id must each stay that job's problem (or nobody's), never the pipeline's."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -12,21 +13,26 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
-from schemas.envelope import JobEnvelope
+from schemas.contracts import ModelConfig, TensorInput
+from schemas.envelope import JobEnvelope, decode_message
 from schemas.jobs import JobRequest, JobStatus
 from tests.procs import Stack, free_port, wait_for
 from tests.test_worker import TOPIC, FlakyIdentity, Harness
 from transports.broker import EmbeddedKafka
 from transports.memory import MemoryBroker, MemoryPublisher
 from workers.adapters import LoadedModel, load_model
+from workers.errors import InferenceError
 from workers.repository import ModelRepository
 
 HELD = "held"  # the API's topic in the reuse test: its message waits here, "behind a backlog"
@@ -134,6 +140,129 @@ async def test_the_same_request_published_twice_in_one_batch_runs_once(harness: 
     record = harness.store.get("twice-1")
     assert record is not None and record.result == {"tensor": [3.0]} and record.attempts == 1
     assert [d["code"] for d in harness.dead_letters()] == ["job_id_conflict"]
+
+
+@dataclass
+class BusyOnce:
+    """Fails its first batch retryably (a runtime hiccup), then echoes."""
+
+    config: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="busy", version="1", adapter="identity")
+    )
+    provider: str = "CPUExecutionProvider"
+    calls: int = 0
+
+    def run(self, inputs: list[BaseModel]) -> list[dict[str, Any]]:
+        self.calls += 1
+        if self.calls == 1:
+            raise InferenceError("busy, try again", retryable=True)
+        return [{"tensor": i.tensor} for i in inputs if isinstance(i, TensorInput)]
+
+
+async def test_api_jobs_and_their_republishes_run_under_their_binding(
+    harness: Harness, model_repo: Path
+) -> None:
+    """The row the API creates and the event it publishes agree, also when the API moved
+    the input to S3 and published only its URL; the retry pump's re-publish runs too."""
+    from tests.test_claim_check import _policy
+    from transports.blobs import MemoryBlobs
+    from workers.retry import RetryPump
+
+    blobs = MemoryBlobs({"ours": {}, "theirs": {}})
+    policy = _policy(blobs, inline_result_max_bytes=100_000)
+    busy = BusyOnce()
+    harness.models[busy.config.key] = busy
+    app = create_app(
+        ApiDeps(
+            store=harness.store,
+            publisher=MemoryPublisher(harness.broker),
+            models=lambda: [*ModelRepository(model_repo).configs(), busy.config],
+            config=ApiConfig(topic=TOPIC, backlog_cache_s=0),
+            registry=CollectorRegistry(),
+            claim_check=policy,
+        )
+    )
+    big = [float(i) for i in range(100)]  # over the 200-byte inline limit: offloaded
+    bodies = [
+        {"model": "identity", "input": {"tensor": big}},
+        {"model": "identity", "input": {"tensor": [1.0]}, "priority": 7, "metadata": {"a": [1]}},
+        # fails retryably once: the retry pump re-publishes it from its row
+        {"model": "busy", "input": {"tensor": [2.0]}, "webhook": None},
+    ]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        ids = []
+        for body in bodies:
+            r = await client.post("/v1/jobs", json=body)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+    assert decode_message(*_first(harness, ids[0])).data.input_url  # it travelled by URL
+
+    worker = harness.worker()
+    worker.claim_check = policy
+    worker.retry_pump = RetryPump(
+        harness.store, MemoryPublisher(harness.broker), TOPIC, interval_s=0.05
+    )
+    worker.retry = replace(worker.retry, base_delay_s=0.01, max_attempts=2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            while not all(harness.store.get(i).status.terminal for i in ids):  # type: ignore[union-attr]
+                assert not task.done()
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await task
+    offloaded, small, retried = (harness.store.get(i) for i in ids)
+    assert offloaded is not None and offloaded.status is JobStatus.SUCCEEDED, offloaded
+    assert offloaded.result == {"tensor": big}
+    assert small is not None and small.result == {"tensor": [1.0]}
+    # the retry ran (attempt 2) instead of being refused as a stranger
+    assert retried is not None and retried.status is JobStatus.SUCCEEDED, retried
+    assert retried.attempts == 2 and retried.result == {"tensor": [2.0]}
+    codes = [d["code"] for d in harness.dead_letters()]
+    assert "job_id_conflict" not in codes, harness.dead_letters()
+
+
+async def test_a_stale_job_republished_by_the_control_plane_still_runs(harness: Harness) -> None:
+    from datetime import timedelta
+
+    from jobstore.records import NewJob, utcnow
+    from jobstore.sweeps import requeue_stale
+
+    job = NewJob(id="stale-1", model="identity", version="1", input={"tensor": [9]})
+    harness.store.create(replace(job, source="urn:inferq:api"))
+    harness.store.claim(["stale-1"], worker_id="dead-worker", lease_s=1)
+    sent: list[JobEnvelope] = []
+    later = utcnow() + timedelta(seconds=5)
+    assert requeue_stale(harness.store, sent.extend, max_attempts=3, now=later) == (1, 0)
+    [envelope] = sent
+    await harness.publish(envelope)
+    await harness.run_until(lambda: harness.store.get("stale-1").status.terminal)  # type: ignore[union-attr]
+    record = harness.store.get("stale-1")
+    assert record is not None and record.status is JobStatus.SUCCEEDED, harness.dead_letters()
+    assert record.result == {"tensor": [9.0]} and record.attempts == 2
+
+
+def _first(harness: Harness, job_id: str) -> tuple[dict[str, bytes], bytes | None]:
+    for key, value, headers in harness.broker.messages(TOPIC):
+        if key == job_id.encode():
+            return headers, value
+    raise AssertionError(f"no message for {job_id}")
+
+
+def test_an_existing_job_table_gains_the_binding_column(tmp_path: Path) -> None:
+    from sqlalchemy import inspect
+
+    store = JobStore(f"sqlite:///{tmp_path / 'old.db'}")
+    store.create_schema()
+    with store.engine.begin() as conn:  # a table from before the column existed
+        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN content_hash")
+    store.create_schema()
+    with store.engine.connect() as conn:
+        assert "content_hash" in {c["name"] for c in inspect(conn).get_columns("jobs")}
+    store.close()
 
 
 # --- item 2: a row PostgreSQL cannot keep ---------------------------------------------------
