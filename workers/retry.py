@@ -129,9 +129,9 @@ class RetryPump:
                 busy = await self.pump_once()
                 pause = self.interval_s
             except Exception as exc:  # the store or the bus is down: back off, keep going
-                log.warning("retry pump: %s; next try in %.1fs", exc, pause)
                 busy = 0
                 pause = min(pause * 2, 5.0)
+                log.warning("retry pump: %s; next try in %.1fs", exc, pause)
             if not busy:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
