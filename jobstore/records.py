@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.jobs import JobError, JobResource, JobStatus
+from schemas.jobs import JobError, JobResource, JobStatus, WebhookSpec
 
 
 def utcnow() -> datetime:
@@ -59,10 +59,21 @@ def content_hash(job: NewJob) -> str:
         "input": job.input,
         "priority": job.priority,
         "metadata": job.metadata,
-        "webhook": job.webhook,
+        "webhook": _webhook(job.webhook),
     }
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _webhook(spec: dict[str, Any] | None) -> Any:
+    """A webhook as a bus event carries it (defaults filled in, URL normalised), so a row
+    written with a bare ``{"url": ...}`` binds the same request as its re-published event."""
+    if spec is None:
+        return None
+    try:
+        return WebhookSpec.model_validate(spec).model_dump(mode="json")
+    except ValueError:
+        return spec
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def _conflict(
     """Why an event may not run under ``job_id``, or None when it may (or is unbound)."""
     if binding is None or bound_to is None:
         return None
-    if binding.source != source:
+    if source is not None and binding.source != source:  # a row without one binds none
         return f"job id {job_id!r} is already bound to a request from another source"
     if bound_to not in binding.hashes:
         return f"job id {job_id!r} is already bound to a request with other content"
@@ -540,7 +540,7 @@ class JobStore:
                     JOBS.c.content_hash.is_(None),
                     and_(
                         JOBS.c.content_hash.in_(sorted(binding.hashes)),
-                        JOBS.c.source == binding.source,
+                        or_(JOBS.c.source.is_(None), JOBS.c.source == binding.source),
                     ),
                 )
             )
