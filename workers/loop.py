@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from dlq.router import DeadLetter, DeadLetterRouter
-from jobstore.errors import StoreUnavailable
 from jobstore.records import (
     Binding,
     ClaimResult,
@@ -29,7 +28,6 @@ from jobstore.records import (
     NewJob,
     Outcome,
     Reschedule,
-    content_hash,
 )
 from jobstore.store import JobStore
 from schemas.contracts import ContractViolation, ModelConfig, resolve_version, validate_input
@@ -38,20 +36,16 @@ from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
 from transports.base import Consumer, Delivery, DepthProbe, Redelivering
 from transports.blobs import BlobError, BlobNotFound, BlobTooLarge, ClaimCheck
+from workers import storing
 from workers.adapters import LoadedModel
 from workers.batcher import Batch, MicroBatcher
 from workers.metrics import WorkerMetrics
 from workers.retry import RETRY_EXTENSION, RetryPolicy, RetryPump
 from workers.throughput import Ewma
 
-log = logging.getLogger(__name__)
-
 _T = TypeVar("_T")
-_MAX_BACKOFF_S = 5.0
 
-
-class _Stopping(Exception):
-    """The worker stopped while the store was unreachable: leave the work for redelivery."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,7 +173,7 @@ class Worker:
     async def _admit(self, deliveries: list[Delivery]) -> None:
         try:
             await self._admit_or_stop(deliveries)
-        except _Stopping:
+        except storing.Stopping:
             return  # not acknowledged: redelivered to whoever consumes next
 
     async def _admit_or_stop(self, deliveries: list[Delivery]) -> None:
@@ -220,13 +214,14 @@ class Worker:
                     delivery, ErrorCode.INVALID_INPUT, exc.message, envelope=envelope, exc=exc
                 )
                 continue
-            binding = _binding(envelope, config, raw)
+            binding = storing.binding(envelope, config, raw)
             running = self._bound.get(job_id)
             if running is not None:
-                if _same_request(running, binding):
+                if storing.same_request(running, binding):
                     self._duplicate(delivery)  # the running copy's outcome stands for both
                 else:
-                    await self._refuse(delivery, _conflict_reason(job_id))
+                    reason = f"job id {job_id!r} is already running another request"
+                    await self._refuse(delivery, reason)
                 continue
             accepted = _Accepted(envelope, config, payload, delivery, binding)
             for batch in rounds:
@@ -234,7 +229,7 @@ class Worker:
                 if first is None:
                     batch[job_id] = accepted
                     break
-                if _same_request(first.binding, binding):
+                if storing.same_request(first.binding, binding):
                     self._duplicate(delivery)
                     break
             else:
@@ -251,7 +246,7 @@ class Worker:
     async def _claim(self, accepted: list[_Accepted]) -> None:
         """Create the rows that are missing and claim the batch; every job whose row the
         store cannot keep, or whose id is bound to another request, is dead-lettered alone."""
-        new_jobs = [_new_job(a.envelope, a.config) for a in accepted]
+        new_jobs = [storing.new_job(a.envelope, a.config) for a in accepted]
         due = {
             a.envelope.id
             for a in accepted
@@ -289,11 +284,15 @@ class Worker:
 
     async def _unstorable(self, a: _Accepted, error: Exception) -> None:
         job_id = a.envelope.id
-        message = _printable(f"the job store cannot keep this job: {_db_reason(error)}")
+        message = storing.printable(
+            f"the job store cannot keep this job: {storing.db_reason(error)}"
+        )
         log.warning("job %s cannot be stored: %s", job_id, error)
         await self._store_call(
             f"failing job {job_id}",
-            lambda: self._fail_placeholder(job_id, a.delivery, ErrorCode.JOB_UNSTORABLE, message),
+            lambda: storing.fail_placeholder(
+                self.store, job_id, a.delivery, ErrorCode.JOB_UNSTORABLE, message
+            ),
         )
         await self._poison(a.delivery, ErrorCode.JOB_UNSTORABLE, message, job_id=job_id)
 
@@ -327,7 +326,7 @@ class Worker:
     def _ensure_and_claim(
         self, new_jobs: list[NewJob], due: set[str], bindings: Mapping[str, Binding]
     ) -> tuple[ClaimResult, dict[str, Exception]]:
-        unstorable = self._ensure_isolating(new_jobs)
+        unstorable = storing.ensure_isolating(self.store, new_jobs)
         ids = [j.id for j in new_jobs if j.id not in unstorable]
         claim = self.store.claim(
             ids,
@@ -338,35 +337,8 @@ class Worker:
         )
         return claim, unstorable
 
-    def _ensure_isolating(self, jobs: list[NewJob]) -> dict[str, Exception]:
-        """Insert the missing rows; halve a batch the store refuses until the rows it cannot
-        keep (a NUL in PostgreSQL text, an over-long field) stand alone: id -> error."""
-        try:
-            self.store.ensure(jobs)
-            return {}
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            if len(jobs) == 1:
-                return {jobs[0].id: exc}
-            mid = len(jobs) // 2
-            return self._ensure_isolating(jobs[:mid]) | self._ensure_isolating(jobs[mid:])
-
     async def _store_call(self, what: str, call: Callable[[], _T]) -> _T:
-        """``call`` off the loop; while the store is unreachable, back off and try again.
-
-        Raises _Stopping when the worker stops first: the message is not acknowledged.
-        """
-        delay = 0.05
-        while True:
-            try:
-                return await asyncio.to_thread(call)
-            except StoreUnavailable as exc:
-                if self._stop.is_set():
-                    raise _Stopping(what) from exc
-                log.warning("%s: %s; retrying in %.2fs", what, exc, delay)
-                await _sleep_until(self._stop, delay)
-                delay = min(delay * 2, _MAX_BACKOFF_S)
+        return await storing.store_call(self._stop, what, call)
 
     async def _poison(
         self,
@@ -384,13 +356,14 @@ class Worker:
             job_id = envelope.id
             model, version = envelope.data.model, envelope.data.version
             await self._store_call(
-                f"failing job {job_id}", lambda: self._fail_row(envelope, delivery, code, message)
+                f"failing job {job_id}",
+                lambda: storing.fail_row(self.store, envelope, delivery, code, message),
             )
         elif job_id is not None and code is not ErrorCode.JOB_UNSTORABLE:
             # the id is readable but the rest is not: a failed row lets the publisher see why
             await self._store_call(
                 f"failing job {job_id}",
-                lambda: self._fail_placeholder(job_id, delivery, code, message),
+                lambda: storing.fail_placeholder(self.store, job_id, delivery, code, message),
             )
         letter = DeadLetter(
             delivery=delivery,
@@ -406,48 +379,6 @@ class Worker:
         self.metrics.dead_letters.labels(code.value).inc()
         log.warning("dead-lettered %s (%s): %s", delivery.position, code.value, message)
         self.consumer.ack(delivery)
-
-    def _fail_placeholder(
-        self, job_id: str, delivery: Delivery, code: ErrorCode, message: str
-    ) -> None:
-        """A failed row for a message whose request cannot be stored as sent; it binds the
-        id to no content. Best effort: the dead letter keeps the message either way."""
-        placeholder = NewJob(
-            id=job_id,
-            model="unknown",
-            version=None,
-            input={},
-            source=f"{delivery.source}@{delivery.position}",
-            bound=False,
-        )
-        try:
-            self.store.ensure([placeholder])
-            self.store.fail_unstarted(job_id, code.value, _printable(message))
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            log.error("cannot record the failure of job %s: %s", job_id, exc)
-
-    def _fail_row(
-        self, envelope: JobEnvelope, delivery: Delivery, code: ErrorCode, message: str
-    ) -> None:
-        job = _new_job(envelope, None)
-        try:
-            self.store.ensure([job])
-        except StoreUnavailable:
-            raise
-        except Exception as exc:  # e.g. a NUL in the input: PostgreSQL cannot keep it
-            log.warning("job %s cannot be stored as sent: %s", envelope.id, exc)
-            self._fail_placeholder(envelope.id, delivery, code, message)
-            return
-        # only this request's row: a poison event reusing an id must not fail its owner
-        binding = Binding(job.source, frozenset({content_hash(job)}))
-        try:
-            self.store.fail_unstarted(envelope.id, code.value, _printable(message), binding)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            log.error("cannot record the failure of job %s: %s", envelope.id, exc)
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -565,49 +496,13 @@ class Worker:
     ) -> dict[str, Outcome]:
         """Store the batch's outcomes; while the store is down, keep them and retry (never ack
         unstored). An outcome the store refuses fails its job alone: the replacements."""
-        outcomes = [_clean_outcome(o) for o in outcomes]
-        retries = [replace(r, error_message=_printable(r.error_message)) for r in retries]
+        items = storing.clean([*outcomes, *retries])
         replaced: dict[str, Outcome] = {}
         await self._store_call(
-            f"storing {len(outcomes) + len(retries)} outcomes",
-            lambda: self._complete_isolating([*outcomes, *retries], replaced),
+            f"storing {len(items)} outcomes",
+            lambda: storing.complete_isolating(self.store, items, replaced),
         )
         return replaced
-
-    def _complete_isolating(
-        self, items: list[Outcome | Reschedule], replaced: dict[str, Outcome]
-    ) -> None:
-        try:
-            self.store.complete(
-                [i for i in items if isinstance(i, Outcome)],
-                [i for i in items if isinstance(i, Reschedule)],
-            )
-            return
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            if len(items) > 1:
-                mid = len(items) // 2
-                self._complete_isolating(items[:mid], replaced)
-                self._complete_isolating(items[mid:], replaced)
-                return
-            error = exc
-        item = items[0]
-        failed = Outcome(
-            job_id=item.job_id,
-            attempt=item.attempt,
-            status=JobStatus.FAILED,
-            error_code=ErrorCode.JOB_UNSTORABLE.value,
-            error_message=_printable(f"the job store cannot keep the outcome: {_db_reason(error)}"),
-        )
-        log.warning("outcome of %s cannot be stored: %s", item.job_id, error)
-        try:
-            self.store.complete([failed])
-            replaced[item.job_id] = failed
-        except StoreUnavailable:
-            raise
-        except Exception as exc:  # the row stays running; its lease lapses and it is retried
-            log.error("cannot record the failure of job %s: %s", item.job_id, exc)
 
     async def _commit(self) -> None:
         async with self._commit_lock:
@@ -647,62 +542,6 @@ class Worker:
 async def _sleep_until(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-
-
-def _binding(envelope: JobEnvelope, config: ModelConfig, raw: dict[str, Any]) -> Binding:
-    """The request an event asks to run under its id, as the job store hashes it."""
-    job = _new_job(envelope, config)
-    hashes = {content_hash(job)}
-    if envelope.data.input is None:  # read from a URL: the API may have offloaded an input
-        hashes.add(content_hash(replace(job, input=raw)))
-    return Binding(envelope.source, frozenset(hashes))
-
-
-def _same_request(a: Binding, b: Binding) -> bool:
-    return a.source == b.source and bool(a.hashes & b.hashes)
-
-
-def _conflict_reason(job_id: str) -> str:
-    return f"job id {job_id!r} is already running another request"
-
-
-def _printable(text: str) -> str:
-    """PostgreSQL text cannot hold NUL: show it escaped, as the client wrote it."""
-    return text.replace("\x00", "\\u0000")
-
-
-def _db_reason(error: Exception) -> str:
-    """The database's own words (its first line), not SQLAlchemy's wrapper text."""
-    orig = getattr(error, "orig", None) or error
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
-
-
-def _clean_outcome(outcome: Outcome) -> Outcome:
-    if outcome.error_message is None or "\x00" not in outcome.error_message:
-        return outcome
-    return replace(outcome, error_message=_printable(outcome.error_message))
-
-
-def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
-    request = envelope.data
-    created = envelope.time or datetime.now(UTC)
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
-    expires = None
-    if request.ttl_s is not None:
-        expires = created + timedelta(seconds=request.ttl_s)
-    return NewJob(
-        id=envelope.id,
-        model=request.model,
-        version=config.version if config else request.version,
-        input=request.input if request.input is not None else {"$input_url": request.input_url},
-        priority=request.priority,
-        expires_at=expires,
-        metadata=request.metadata,
-        webhook=request.webhook.model_dump(mode="json") if request.webhook else None,
-        source=envelope.source,
-        created_at=created,
-    )
 
 
 def _run_isolating(model: LoadedModel, items: list[WorkItem]) -> list[dict[str, Any] | Exception]:
