@@ -252,17 +252,46 @@ def _first(harness: Harness, job_id: str) -> tuple[dict[str, bytes], bytes | Non
     raise AssertionError(f"no message for {job_id}")
 
 
-def test_an_existing_job_table_gains_the_binding_column(tmp_path: Path) -> None:
-    from sqlalchemy import inspect
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_an_existing_job_table_gains_the_binding_column(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    import uuid
 
-    store = JobStore(f"sqlite:///{tmp_path / 'old.db'}")
-    store.create_schema()
-    with store.engine.begin() as conn:  # a table from before the column existed
-        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN content_hash")
-    store.create_schema()
-    with store.engine.connect() as conn:
-        assert "content_hash" in {c["name"] for c in inspect(conn).get_columns("jobs")}
-    store.close()
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    from jobstore.records import NewJob
+
+    schema = None
+    if backend == "sqlite":
+        store = JobStore(f"sqlite:///{tmp_path / 'old.db'}")
+    else:
+        url: str = request.getfixturevalue("postgres_url")
+        schema = f"t_{uuid.uuid4().hex}"
+        admin = create_engine(url, poolclass=NullPool)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        store = JobStore(url, schema=schema)
+    try:
+        store.create_schema()
+        with store.engine.begin() as conn:  # a table from before the column existed
+            conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN content_hash")
+        store.create_schema()
+        store.create_schema()  # and again: nothing left to add
+        with store.engine.connect() as conn:
+            assert "content_hash" in {c["name"] for c in inspect(conn).get_columns("jobs")}
+        store.ensure([NewJob(id="j", model="identity", version="1", input={"tensor": [1]})])
+        record = store.get("j")
+        assert record is not None and record.content_hash is not None
+    finally:
+        store.close()
+        if schema is not None:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+            admin.dispose()
 
 
 # --- item 2: a row PostgreSQL cannot keep ---------------------------------------------------
