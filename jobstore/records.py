@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,11 +37,53 @@ class NewJob:
     idempotency_key: str | None = None
     request_hash: str | None = None
     created_at: datetime = field(default_factory=utcnow)
+    # False for a placeholder row (a message whose request could not be stored as sent):
+    # the row then binds its id to no content
+    bound: bool = True
 
     def __post_init__(self) -> None:
         require_aware(self.created_at, "created_at")
         if self.expires_at is not None:
             require_aware(self.expires_at, "expires_at")
+
+
+def content_hash(job: NewJob) -> str:
+    """The request a job id is bound to, as a hash.
+
+    The same request hashes the same however it travelled (API row, bus event, retry pump,
+    sweep re-publish, DLQ redrive): only what the row keeps counts, not the event's time,
+    ttl or encoding. The source is compared on its own, so a refusal can say which differs.
+    """
+    doc = {
+        "model": job.model,
+        "version": job.version,
+        "input": job.input,
+        "priority": job.priority,
+        "metadata": job.metadata,
+        "webhook": _webhook(job.webhook),
+    }
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _webhook(spec: dict[str, Any] | None) -> Any:
+    """A webhook as a bus event carries it (defaults filled in, URL normalised), so a row
+    written with a bare ``{"url": ...}`` binds the same request as its re-published event."""
+    if spec is None:
+        return None
+    try:
+        return WebhookSpec.model_validate(spec).model_dump(mode="json")
+    except ValueError:
+        return spec
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a bus event claims for its id: its source and the hashes of its request (an
+    input read from a URL may hash as the URL or as its content)."""
+
+    source: str | None
+    hashes: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -70,6 +114,7 @@ class JobRecord:
     lease_expires_at: datetime | None
     updated_at: datetime
     retry_at: datetime | None = None
+    content_hash: str | None = None  # None: the id is bound to no content (older rows)
 
     @property
     def terminal(self) -> bool:
@@ -126,6 +171,8 @@ class ClaimResult:
     claimed: list[JobRecord]  # now running: attempts incremented, lease set
     skipped: dict[str, JobStatus]  # id -> the status that kept it from running
     missing: list[str]  # no such row
+    # id -> why the event was refused: the id is bound to another request (row untouched)
+    conflicts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

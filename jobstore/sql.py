@@ -41,6 +41,7 @@ from jobstore.records import (
     JobRecord,
     NewJob,
     Outcome,
+    content_hash,
     require_aware,
 )
 from jobstore.tables import UTCDateTime, jobs_table
@@ -71,6 +72,7 @@ NEW_JOB_COLUMNS = (
     "source",
     "idempotency_key",
     "request_hash",
+    "content_hash",
 )
 
 
@@ -261,6 +263,7 @@ def insert_values(job: NewJob, now: datetime) -> dict[str, Any]:
         "source": job.source,
         "idempotency_key": job.idempotency_key,
         "request_hash": job.request_hash,
+        "content_hash": content_hash(job) if job.bound else None,
         "lease_owner": None,
         "retry_at": None,
         "lease_expires_at": None,
@@ -298,6 +301,7 @@ def row_record(row: Mapping[Any, Any]) -> JobRecord:
         lease_expires_at=row["lease_expires_at"],
         updated_at=row["updated_at"],
         retry_at=row["retry_at"],
+        content_hash=row["content_hash"],
     )
 
 

@@ -18,8 +18,11 @@ from sqlalchemy import (
     Connection,
     Engine,
     Select,
+    and_,
     func,
+    inspect,
     literal,
+    or_,
     select,
     tuple_,
     update,
@@ -38,6 +41,7 @@ from jobstore.errors import (
 )
 from jobstore.outbox import ATTEMPTS, DELIVERIES, enqueue_job_events
 from jobstore.records import (
+    Binding,
     ClaimResult,
     JobRecord,
     NewJob,
@@ -77,6 +81,30 @@ _QUEUED = JobStatus.QUEUED.value
 _RUNNING = JobStatus.RUNNING.value
 
 _WORKERS = workers_table()
+
+
+# Columns added after the first release: create_all creates missing tables, not columns.
+_ADDED_COLUMNS = {"content_hash": "VARCHAR(64)"}
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    present = {c["name"] for c in inspect(conn).get_columns(JOBS.name)}
+    for name, ddl in _ADDED_COLUMNS.items():
+        if name not in present:
+            conn.exec_driver_sql(f"ALTER TABLE {JOBS.name} ADD COLUMN {name} {ddl}")
+
+
+def _conflict(
+    job_id: str, binding: Binding | None, bound_to: str | None, source: str | None
+) -> str | None:
+    """Why an event may not run under ``job_id``, or None when it may (or is unbound)."""
+    if binding is None or bound_to is None:
+        return None
+    if source is not None and binding.source != source:  # a row without one binds none
+        return f"job id {job_id!r} is already bound to a request from another source"
+    if bound_to not in binding.hashes:
+        return f"job id {job_id!r} is already bound to a request with other content"
+    return None
 
 
 def normalise_url(url: str) -> URL:
@@ -138,6 +166,7 @@ class JobStore:
                 # Serialise concurrent starters: both would pass checkfirst, one CREATE fails.
                 conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             SQLModel.metadata.create_all(conn, checkfirst=True)
+            _add_missing_columns(conn)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -258,12 +287,15 @@ class JobStore:
         lease_s: float,
         now: datetime | None = None,
         due: Iterable[str] = (),
+        bindings: Mapping[str, Binding] | None = None,
     ) -> ClaimResult:
         """Move the batch to running for ``worker_id``, in one transaction.
 
         queued -> running; running -> running too (a redelivery means the previous owner
         died): attempts + 1 and a fresh lease either way. A queued job past ``expires_at``
         becomes expired instead. Terminal jobs are skipped, unknown ids reported missing.
+        An id whose row is bound to another request than its ``bindings`` entry says is
+        reported in ``conflicts`` and left alone, whatever its status.
         """
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
@@ -277,13 +309,26 @@ class JobStore:
         to_expire: builtins.list[str] = []
         to_run: builtins.list[str] = []
         claimed: dict[str, JobRecord] = {}
+        conflicts: dict[str, str] = {}
+        bindings = bindings or {}
         with self._begin(write=True) as conn:
-            states = self._lock(conn, wanted, JOBS.c.status, JOBS.c.expires_at, JOBS.c.retry_at)
+            states = self._lock(
+                conn,
+                wanted,
+                JOBS.c.status,
+                JOBS.c.expires_at,
+                JOBS.c.retry_at,
+                JOBS.c.content_hash,
+                JOBS.c.source,
+            )
             for job_id in wanted:
                 if job_id not in states:
                     continue
-                status, expires_at, retry_at = states[job_id]
-                if status == _QUEUED and expires_at is not None and expires_at < now:
+                status, expires_at, retry_at, bound_to, source = states[job_id]
+                conflict = _conflict(job_id, bindings.get(job_id), bound_to, source)
+                if conflict is not None:
+                    conflicts[job_id] = conflict
+                elif status == _QUEUED and expires_at is not None and expires_at < now:
                     to_expire.append(job_id)
                 elif (
                     status == _QUEUED
@@ -338,6 +383,7 @@ class JobStore:
             claimed=[claimed[job_id] for job_id in wanted if job_id in claimed],
             skipped=skipped,
             missing=[job_id for job_id in wanted if job_id not in states],
+            conflicts=conflicts,
         )
 
     def complete(
@@ -509,14 +555,30 @@ class JobStore:
                     entry["oldest_queued_s"] = max((now - oldest).total_seconds(), 0.0)
         return stats
 
-    def fail_unstarted(self, job_id: str, code: str, message: str) -> bool:
-        """Fail a queued or running job outright (a poison message); False if it was not."""
+    def fail_unstarted(
+        self, job_id: str, code: str, message: str, binding: Binding | None = None
+    ) -> bool:
+        """Fail a queued or running job outright (a poison message); False if it was not.
+
+        With ``binding``, only a row that is unbound or bound to that request is failed.
+        """
         now = utcnow()
+        where = [JOBS.c.id == job_id, JOBS.c.status.in_([_QUEUED, _RUNNING])]
+        if binding is not None:
+            where.append(
+                or_(
+                    JOBS.c.content_hash.is_(None),
+                    and_(
+                        JOBS.c.content_hash.in_(sorted(binding.hashes)),
+                        or_(JOBS.c.source.is_(None), JOBS.c.source == binding.source),
+                    ),
+                )
+            )
         with self._begin(write=True) as conn:
             row = (
                 conn.execute(
                     update(JOBS)
-                    .where(JOBS.c.id == job_id, JOBS.c.status.in_([_QUEUED, _RUNNING]))
+                    .where(*where)
                     .values(
                         status=JobStatus.FAILED.value,
                         error_code=code,

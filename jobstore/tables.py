@@ -80,6 +80,8 @@ class JobRow(SQLModel, table=True):
     source: str | None = Field(default=None)  # a CloudEvents URI-reference: no fixed bound
     idempotency_key: str | None = Field(default=None, max_length=256)
     request_hash: str | None = Field(default=None, max_length=128)
+    # records.content_hash of the request the id was first bound to (NULL: unbound)
+    content_hash: str | None = Field(default=None, max_length=64)
     lease_owner: str | None = Field(default=None, max_length=128)
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # not-before of a scheduled retry: the job waits in the store, not on a partition

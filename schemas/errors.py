@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     JOB_EXPIRED = "job_expired"
     LEASE_EXPIRED = "lease_expired"
+    JOB_ID_CONFLICT = "job_id_conflict"  # a bus event reused an id bound to another request
+    JOB_UNSTORABLE = "job_unstorable"  # the job store refused the job's row (e.g. a NUL)
     # webhooks
     WEBHOOK_URL_INVALID = "webhook_url_invalid"
     WEBHOOK_URL_FORBIDDEN = "webhook_url_forbidden"

@@ -12,16 +12,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from dlq.router import DeadLetter, DeadLetterRouter
-from jobstore.records import JobRecord, NewJob, Outcome, Reschedule
+from jobstore.records import (
+    Binding,
+    ClaimResult,
+    JobRecord,
+    NewJob,
+    Outcome,
+    Reschedule,
+)
 from jobstore.store import JobStore
 from schemas.contracts import ContractViolation, ModelConfig, resolve_version, validate_input
 from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
@@ -29,11 +36,14 @@ from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
 from transports.base import Consumer, Delivery, DepthProbe, Redelivering
 from transports.blobs import BlobError, BlobNotFound, BlobTooLarge, ClaimCheck
+from workers import storing
 from workers.adapters import LoadedModel
 from workers.batcher import Batch, MicroBatcher
 from workers.metrics import WorkerMetrics
 from workers.retry import RETRY_EXTENSION, RetryPolicy, RetryPump
 from workers.throughput import Ewma
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,7 @@ class _Accepted:
     config: ModelConfig
     payload: BaseModel
     delivery: Delivery
+    binding: Binding
 
 
 class Worker:
@@ -107,11 +118,14 @@ class Worker:
         self._write_tasks: set[asyncio.Task[None]] = set()
         self._commit_lock = asyncio.Lock()
         self._room = asyncio.Event()  # set whenever in-flight work shrinks
+        self._bound: dict[str, Binding] = {}  # in-flight id -> the request it runs
+        self._stop = asyncio.Event()
         self.processed = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         for key, model in self.models.items():
             batcher: MicroBatcher[WorkItem] = MicroBatcher(
                 model.config.max_batch_size,
@@ -158,8 +172,15 @@ class Worker:
     # -- admission -------------------------------------------------------------------------
 
     async def _admit(self, deliveries: list[Delivery]) -> None:
-        accepted: list[_Accepted] = []
-        seen: set[str] = set()
+        try:
+            await self._admit_or_stop(deliveries)
+        except storing.Stopping:
+            return  # not acknowledged: redelivered to whoever consumes next
+
+    async def _admit_or_stop(self, deliveries: list[Delivery]) -> None:
+        # rounds[k]: the k-th distinct request seen for each id in this fetch; a later round
+        # is judged against the row the earlier one bound (or left unbound)
+        rounds: list[dict[str, _Accepted]] = []
         for delivery in deliveries:
             try:
                 envelope = decode_message(delivery.headers, delivery.value)
@@ -174,11 +195,6 @@ class Worker:
                     "without an outcome"
                 )
                 await self._poison(delivery, ErrorCode.ATTEMPTS_EXHAUSTED, msg, envelope=envelope)
-                continue
-            if job_id in seen or job_id in self._in_flight:
-                # the same event twice: the first copy's outcome stands for both
-                self.metrics.skipped.labels("duplicate").inc()
-                self.consumer.ack(delivery)
                 continue
             request = envelope.data
             config = resolve_version(self.configs, request.model, request.version)
@@ -199,33 +215,87 @@ class Worker:
                     delivery, ErrorCode.INVALID_INPUT, exc.message, envelope=envelope, exc=exc
                 )
                 continue
-            seen.add(job_id)
-            accepted.append(_Accepted(envelope, config, payload, delivery))
-        if not accepted:
-            await self._commit()
-            return
+            binding = storing.binding(envelope, config, raw)
+            running = self._bound.get(job_id)
+            if running is not None:
+                if storing.same_request(running, binding):
+                    self._duplicate(delivery)  # the running copy's outcome stands for both
+                else:
+                    reason = f"job id {job_id!r} is already running another request"
+                    await self._refuse(delivery, reason)
+                continue
+            accepted = _Accepted(envelope, config, payload, delivery, binding)
+            for batch in rounds:
+                first = batch.get(job_id)
+                if first is None:
+                    batch[job_id] = accepted
+                    break
+                if storing.same_request(first.binding, binding):
+                    self._duplicate(delivery)
+                    break
+            else:
+                rounds.append({job_id: accepted})
+        for batch in rounds:
+            await self._claim(list(batch.values()))
+        self.metrics.in_flight.set(len(self._in_flight))
+        await self._commit()
 
-        new_jobs = [_new_job(a.envelope, a.config) for a in accepted]
-        ids = [a.envelope.id for a in accepted]
+    def _duplicate(self, delivery: Delivery) -> None:
+        self.metrics.skipped.labels("duplicate").inc()
+        self.consumer.ack(delivery)
+
+    async def _claim(self, accepted: list[_Accepted]) -> None:
+        """Create the rows that are missing and claim the batch; every job whose row the
+        store cannot keep, or whose id is bound to another request, is dead-lettered alone."""
+        new_jobs = [storing.new_job(a.envelope, a.config) for a in accepted]
         due = {
             a.envelope.id
             for a in accepted
             if (a.envelope.model_extra or {}).get(RETRY_EXTENSION) is not None
         }
-        claim = await asyncio.to_thread(self._ensure_and_claim, new_jobs, ids, due)
+        bindings = {a.envelope.id: a.binding for a in accepted}
+        claim, unstorable = await self._store_call(
+            f"claiming {len(new_jobs)} jobs",
+            lambda: self._ensure_and_claim(new_jobs, due, bindings),
+        )
         by_id = {r.id: r for r in claim.claimed}
         now = asyncio.get_running_loop().time()
         for a in accepted:
-            record = by_id.get(a.envelope.id)
+            job_id = a.envelope.id
+            if job_id in unstorable:
+                await self._unstorable(a, unstorable[job_id])
+                continue
+            if job_id in claim.conflicts:
+                await self._refuse(a.delivery, claim.conflicts[job_id])
+                continue
+            record = by_id.get(job_id)
             if record is None:
-                status = claim.skipped.get(a.envelope.id)
+                status = claim.skipped.get(job_id)
                 self.metrics.skipped.labels(str(status.value) if status else "missing").inc()
                 self.consumer.ack(a.delivery)
                 continue
             self._in_flight.add(record.id)
+            self._bound[record.id] = a.binding
             self._batchers[a.config.key].put(WorkItem(record, a.payload, a.delivery, now))
-        self.metrics.in_flight.set(len(self._in_flight))
-        await self._commit()
+
+    async def _refuse(self, delivery: Delivery, reason: str) -> None:
+        """The id belongs to another request: dead-letter this event and leave the row be.
+        No job id on the letter, so a redrive cannot requeue the owner's job."""
+        await self._poison(delivery, ErrorCode.JOB_ID_CONFLICT, f"{reason}; this event was not run")
+
+    async def _unstorable(self, a: _Accepted, error: Exception) -> None:
+        job_id = a.envelope.id
+        message = storing.printable(
+            f"the job store cannot keep this job: {storing.db_reason(error)}"
+        )
+        log.warning("job %s cannot be stored: %s", job_id, error)
+        await self._store_call(
+            f"failing job {job_id}",
+            lambda: storing.fail_placeholder(
+                self.store, job_id, a.delivery, ErrorCode.JOB_UNSTORABLE, message
+            ),
+        )
+        await self._poison(a.delivery, ErrorCode.JOB_UNSTORABLE, message, job_id=job_id)
 
     async def _input_of(self, delivery: Delivery, envelope: JobEnvelope) -> dict[str, Any] | None:
         """The job's input, read from S3 for an ``input_url``; None once dead-lettered."""
@@ -254,11 +324,22 @@ class Worker:
         await self._poison(delivery, code, msg, envelope=envelope, exc=error)
         return None
 
-    def _ensure_and_claim(self, new_jobs: list[NewJob], ids: list[str], due: set[str]) -> Any:
-        self.store.ensure(new_jobs)
-        return self.store.claim(
-            ids, worker_id=self.config.worker_id, lease_s=self.config.lease_s, due=due
+    def _ensure_and_claim(
+        self, new_jobs: list[NewJob], due: set[str], bindings: Mapping[str, Binding]
+    ) -> tuple[ClaimResult, dict[str, Exception]]:
+        unstorable = storing.ensure_isolating(self.store, new_jobs)
+        ids = [j.id for j in new_jobs if j.id not in unstorable]
+        claim = self.store.claim(
+            ids,
+            worker_id=self.config.worker_id,
+            lease_s=self.config.lease_s,
+            due=due,
+            bindings=bindings,
         )
+        return claim, unstorable
+
+    async def _store_call(self, what: str, call: Callable[[], _T]) -> _T:
+        return await storing.store_call(self._stop, what, call)
 
     async def _poison(
         self,
@@ -275,10 +356,16 @@ class Worker:
         if envelope is not None:
             job_id = envelope.id
             model, version = envelope.data.model, envelope.data.version
-            await asyncio.to_thread(self._fail_row, envelope, code, message)
-        elif job_id is not None:
+            await self._store_call(
+                f"failing job {job_id}",
+                lambda: storing.fail_row(self.store, envelope, delivery, code, message),
+            )
+        elif job_id is not None and code is not ErrorCode.JOB_UNSTORABLE:
             # the id is readable but the rest is not: a failed row lets the publisher see why
-            await asyncio.to_thread(self._fail_unreadable, job_id, delivery, code, message)
+            await self._store_call(
+                f"failing job {job_id}",
+                lambda: storing.fail_placeholder(self.store, job_id, delivery, code, message),
+            )
         letter = DeadLetter(
             delivery=delivery,
             code=code.value,
@@ -293,26 +380,6 @@ class Worker:
         self.metrics.dead_letters.labels(code.value).inc()
         log.warning("dead-lettered %s (%s): %s", delivery.position, code.value, message)
         self.consumer.ack(delivery)
-
-    def _fail_unreadable(
-        self, job_id: str, delivery: Delivery, code: ErrorCode, message: str
-    ) -> None:
-        self.store.ensure(
-            [
-                NewJob(
-                    id=job_id,
-                    model="unknown",
-                    version=None,
-                    input={},
-                    source=f"{delivery.source}@{delivery.position}",
-                )
-            ]
-        )
-        self.store.fail_unstarted(job_id, code.value, message)
-
-    def _fail_row(self, envelope: JobEnvelope, code: ErrorCode, message: str) -> None:
-        self.store.ensure([_new_job(envelope, None)])
-        self.store.fail_unstarted(envelope.id, code.value, message)
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -366,7 +433,10 @@ class Worker:
                     retries.append(
                         Reschedule(o.job_id, o.attempt, retry_at, code, o.error_message or "")
                     )
-            await self._store_outcomes(final, retries)
+            replaced = await self._store_outcomes(final, retries)
+            if replaced:
+                outcomes = [replaced.get(o.job_id, o) for o in outcomes]
+                retries = [r for r in retries if r.job_id not in replaced]
             name = model.config.name
             now = datetime.now(UTC)
             retrying = {r.job_id for r in retries}
@@ -387,6 +457,7 @@ class Worker:
                     self.metrics.dead_letters.labels(outcome.error_code or "unknown").inc()
                 self.consumer.ack(item.delivery)
                 self._in_flight.discard(item.record.id)
+                self._bound.pop(item.record.id, None)
             finished = len(items) - len(retries) - len(redeliver)
             self.processed += finished
             self.throughput.add(finished)
@@ -429,17 +500,20 @@ class Worker:
         )
         await self.consumer.nack(item.delivery, delay_s)
         self._in_flight.discard(item.record.id)
+        self._bound.pop(item.record.id, None)
 
-    async def _store_outcomes(self, outcomes: list[Outcome], retries: list[Reschedule]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await asyncio.to_thread(self.store.complete, outcomes, retries)
-                return
-            except Exception as exc:  # the store is down: keep the outcome, retry, never ack
-                log.warning("storing %d outcomes failed, retrying: %s", len(outcomes), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _store_outcomes(
+        self, outcomes: list[Outcome], retries: list[Reschedule]
+    ) -> dict[str, Outcome]:
+        """Store the batch's outcomes; while the store is down, keep them and retry (never ack
+        unstored). An outcome the store refuses fails its job alone: the replacements."""
+        items = storing.clean([*outcomes, *retries])
+        replaced: dict[str, Outcome] = {}
+        await self._store_call(
+            f"storing {len(items)} outcomes",
+            lambda: storing.complete_isolating(self.store, items, replaced),
+        )
+        return replaced
 
     async def _commit(self) -> None:
         async with self._commit_lock:
@@ -479,28 +553,6 @@ class Worker:
 async def _sleep_until(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-
-
-def _new_job(envelope: JobEnvelope, config: ModelConfig | None) -> NewJob:
-    request = envelope.data
-    created = envelope.time or datetime.now(UTC)
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
-    expires = None
-    if request.ttl_s is not None:
-        expires = created + timedelta(seconds=request.ttl_s)
-    return NewJob(
-        id=envelope.id,
-        model=request.model,
-        version=config.version if config else request.version,
-        input=request.input if request.input is not None else {"$input_url": request.input_url},
-        priority=request.priority,
-        expires_at=expires,
-        metadata=request.metadata,
-        webhook=request.webhook.model_dump(mode="json") if request.webhook else None,
-        source=envelope.source,
-        created_at=created,
-    )
 
 
 def _run_isolating(model: LoadedModel, items: list[WorkItem]) -> list[dict[str, Any] | Exception]:

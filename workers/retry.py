@@ -112,12 +112,15 @@ class RetryPump:
         return len(sent)
 
     async def run(self, stop: asyncio.Event) -> None:
+        pause = self.interval_s
         while not stop.is_set():
             try:
                 busy = await self.pump_once()
-            except Exception as exc:
-                log.warning("retry pump: %s", exc)
+                pause = self.interval_s
+            except Exception as exc:  # the store or the bus is down: back off, keep going
                 busy = 0
+                pause = min(pause * 2, 5.0)
+                log.warning("retry pump: %s; next try in %.1fs", exc, pause)
             if not busy:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.interval_s)
+                    await asyncio.wait_for(stop.wait(), pause)
