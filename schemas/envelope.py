@@ -8,6 +8,7 @@ never touches a broker, so the same rules hold on every transport.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from schemas.jobs import JOB_ID_PATTERN, JobRequest
 
 JOB_REQUESTED = "inferq.job.requested"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 class JobEnvelope(BaseModel):
@@ -98,6 +100,28 @@ def _json(raw: bytes | None, what: str) -> Any:
 
 
 def _decode_binary(headers: Mapping[str, bytes], value: bytes | None) -> JobEnvelope:
+    # the id header is readable on its own: a body or another header that is not must
+    # still fail under that id, so GET /v1/jobs/{id} can tell the publisher why
+    job_id = _valid_id(headers.get("ce_id"))
+    try:
+        return _binary_envelope(headers, value)
+    except EnvelopeError as exc:
+        if exc.job_id is None and job_id is not None:
+            exc.job_id = job_id
+        raise
+
+
+def _valid_id(raw: object) -> str | None:
+    """``raw`` as a job id when it is one (a str or UTF-8 bytes matching the id pattern)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return raw if isinstance(raw, str) and _JOB_ID.fullmatch(raw) else None
+
+
+def _binary_envelope(headers: Mapping[str, bytes], value: bytes | None) -> JobEnvelope:
     attrs: dict[str, Any] = {}
     for key, raw in headers.items():
         if key.startswith("ce_"):
@@ -119,7 +143,7 @@ _REQUIRED = ("specversion", "id", "source", "type")
 
 
 def _validate(attrs: dict[str, Any], prefix: str) -> JobEnvelope:
-    job_id = attrs.get("id") if isinstance(attrs.get("id"), str) else None
+    job_id = _valid_id(attrs.get("id"))
     for name in _REQUIRED:
         if name not in attrs:
             raise EnvelopeError(
