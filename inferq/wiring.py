@@ -55,6 +55,7 @@ def kafka_config(
         bootstrap=settings.kafka_bootstrap,
         client_id=client_id,
         group_instance_id=group_instance_id,
+        max_request_size=settings.kafka_max_request_size,
     )
 
 
@@ -193,12 +194,20 @@ async def run_worker(
     letters = DeadLetterStore(store.engine)
     from inferq.sqs_wiring import claim_check
 
+    blobs = claim_check(settings)
     worker = Worker(
-        claim_check=claim_check(settings),
+        claim_check=blobs,
         consumer=consumer,
         store=store,
         models=models,
-        dead_letters=DeadLetterRouter(publisher, dlq, record=letters.add),
+        dead_letters=DeadLetterRouter(
+            publisher,
+            dlq,
+            record=letters.add,
+            offload=blobs,
+            head_bytes=settings.dlq_head_bytes,
+            publish_deadline_s=settings.dlq_publish_deadline_s,
+        ),
         metrics=WorkerMetrics(registry or CollectorRegistry()),
         config=WorkerConfig(
             worker_id=wid,

@@ -17,6 +17,11 @@ class PublishError(TransportError):
     """A publish was not acknowledged by the broker."""
 
 
+class MessageTooLarge(PublishError):
+    """The message is over the destination's size limit: sending the same bytes again fails
+    again."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One message pulled from the bus, with the handle needed to acknowledge it."""
@@ -50,6 +55,18 @@ class Publisher(Protocol):
         self, destination: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> None:
         """Return only once the broker has durably acknowledged the message."""
+        ...
+
+
+@runtime_checkable
+class SizeLimited(Protocol):
+    """A publisher that knows the largest message its destination takes."""
+
+    @property
+    def max_message_bytes(self) -> int: ...
+
+    def message_size(self, value: bytes, *, key: bytes | None = None, headers: Headers = ()) -> int:
+        """The size that counts against ``max_message_bytes`` (encoding included)."""
         ...
 
 

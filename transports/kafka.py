@@ -20,11 +20,20 @@ from aiokafka.errors import (
     IllegalStateError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     TopicAlreadyExistsError,
     for_code,
 )
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from transports.base import Delivery, Headers, PublishError, QueueDepth, TransportError
+from transports.base import (
+    Delivery,
+    Headers,
+    MessageTooLarge,
+    PublishError,
+    QueueDepth,
+    TransportError,
+)
 from transports.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,8 @@ class KafkaConfig:
     # producer: a 1 ms linger batches concurrent publishes; it adds ~1 ms to a lone one
     linger_ms: int = 1
     max_batch_size: int = 64 * 1024
+    # the largest record the producer sends (Kafka's own default; brokers take 1,048,588)
+    max_request_size: int = 1024 * 1024
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     request_timeout_ms: int = 15_000
     # the most a publish waits for its ack: an idempotent aiokafka producer never expires a
@@ -98,6 +109,7 @@ class KafkaPublisher:
             enable_idempotence=True,
             linger_ms=c.linger_ms,
             max_batch_size=c.max_batch_size,
+            max_request_size=c.max_request_size,
             compression_type=c.compression_type,
             request_timeout_ms=c.request_timeout_ms,
             retry_backoff_ms=c.retry_backoff_ms,
@@ -142,6 +154,17 @@ class KafkaPublisher:
             raise TransportError("KafkaPublisher is not started")
         return self._producer
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self.config.max_request_size
+
+    def message_size(self, value: bytes, *, key: bytes | None = None, headers: Headers = ()) -> int:
+        """The producer's own upper estimate, the figure it checks against max_request_size."""
+        size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            key, value, _headers_out(headers)
+        )
+        return size
+
     async def publish(
         self, destination: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> None:
@@ -162,6 +185,8 @@ class KafkaPublisher:
                 f"publish to {destination!r} not acknowledged within "
                 f"{self.config.delivery_timeout_ms} ms"
             ) from exc
+        except MessageSizeTooLargeError as exc:  # from the producer's check or the broker's
+            raise MessageTooLarge(f"publish to {destination!r} refused: {exc}") from exc
         except KafkaError as exc:
             raise PublishError(f"publish to {destination!r} not acknowledged: {exc}") from exc
 
