@@ -120,8 +120,9 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
         log.warning("no models in %s: run `inferq models build`", repo.root)
     from inferq.sqs_wiring import claim_check
 
+    blobs = claim_check(settings)
     deps = ApiDeps(
-        claim_check=claim_check(settings),
+        claim_check=blobs,
         store=store,
         publisher=publisher,
         models=lambda: cached,
@@ -142,7 +143,13 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
     )
     app = create_app(deps)
     letters = DeadLetterStore(store.engine)
-    redriver = Redriver(letters, deps.publisher, destination, store.requeue_failed)
+    redriver = Redriver(
+        letters,
+        deps.publisher,
+        destination,
+        store.requeue_failed,
+        load_payload=blobs.load_dead_letter if blobs else None,
+    )
     app.include_router(make_router(letters, redriver))
     return app
 
