@@ -195,6 +195,7 @@ class DeadLetterRouter:
                 letter.payload_url or "not kept",
             )
         letter, reason = await self._publish(letter, stop)
+        trimmed = letter.trimmed  # _publish may have cut it down further
         if reason is not None:
             if self.record is None:  # nowhere else to keep it: the original stays unacked
                 log.error("dead letter of %s not published (%s)", letter.delivery.position, reason)

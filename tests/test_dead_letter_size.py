@@ -231,3 +231,40 @@ def test_worker_process_dead_letters_the_big_poison_and_stops_on_sigterm(stack: 
         assert [e.job_id for e in letters] == ["poison-big"]
     finally:
         store.close()
+
+
+async def test_a_broker_that_takes_less_than_configured_still_gets_a_letter(
+    kafka_config: KafkaConfig, topic: str, tmp_path: Path
+) -> None:
+    """The producer is told 4 MiB, the broker takes ~1 MiB: the broker's refusal
+    (MESSAGE_TOO_LARGE) is final for those bytes, so the letter is cut down once more."""
+    from dataclasses import replace
+
+    from dlq.router import DeadLetter
+    from transports.base import Delivery
+
+    dlq = f"{topic}.dlq"
+    await ensure_topics(kafka_config, {dlq: 1})
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    letters = DeadLetterStore(store.engine)
+    letters.create_schema()
+    publisher = KafkaPublisher(replace(kafka_config, max_request_size=4 * 1024 * 1024))
+    await publisher.start()
+    original = b"q" * 1_100_000
+    try:
+        router = DeadLetterRouter(publisher, dlq, record=letters.add, head_bytes=2 * 1024 * 1024)
+        routed = await router.send(
+            DeadLetter(
+                Delivery(original, b"k", {"ce_id": b"x"}, topic, "0@7"), "invalid_input", "m"
+            )
+        )
+    finally:
+        await publisher.stop()
+    assert routed.acked and routed.published and routed.trimmed
+    [record] = await _read_all(kafka_config.bootstrap, dlq, 1)
+    reason = reason_from_headers(dict(record.headers))
+    assert reason["payload-size"] == str(len(original)) and reason["payload-truncated"] == "true"
+    assert 0 < len(record.value) <= 1024 and original.startswith(record.value)
+    [entry] = letters.list(DeadLetterFilter())
+    assert entry.published and entry.payload == record.value
+    store.close()

@@ -174,11 +174,13 @@ class KafkaPublisher:
         it), so a retry can duplicate it: consumers dedupe by event id.
         """
         producer = self._require()
+        sent = False
         try:
             async with asyncio.timeout(self.config.delivery_timeout_ms / 1000):
                 ack = await producer.send(
                     destination, value, key=key, headers=_headers_out(headers)
                 )
+                sent = True
                 await ack
         except TimeoutError as exc:
             raise PublishError(
@@ -186,9 +188,30 @@ class KafkaPublisher:
                 f"{self.config.delivery_timeout_ms} ms"
             ) from exc
         except MessageSizeTooLargeError as exc:  # from the producer's check or the broker's
+            if sent:  # the broker's: see _renew
+                await self._renew(producer)
             raise MessageTooLarge(f"publish to {destination!r} refused: {exc}") from exc
         except KafkaError as exc:
             raise PublishError(f"publish to {destination!r} not acknowledged: {exc}") from exc
+
+    async def _renew(self, broken: AIOKafkaProducer) -> None:
+        """Replace the producer after the broker refused a batch as too large.
+
+        Measured on noida-db with aiokafka's idempotent producer: every later publish of
+        that producer then fails with OutOfOrderSequenceNumber (the refused batch used up a
+        sequence number the broker never saw), so the producer would be useless for good.
+        A new one gets a new producer id.
+        """
+        if id(self._producer) != id(broken):
+            return  # another publish renewed it already
+        log.warning("Kafka refused a batch as too large; starting a new producer")
+        self._producer = None
+        await self.start()
+        try:
+            await asyncio.wait_for(broken.flush(), self.config.close_timeout_ms / 1000)
+        except (TimeoutError, KafkaError):
+            await _abandon_buffered(broken)
+        await broken.stop()
 
     async def publish_many(self, destination: str, items: Iterable[Outgoing]) -> int:
         """Send all items at once, then wait for every ack; returns how many were sent.
