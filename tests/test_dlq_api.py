@@ -225,3 +225,31 @@ async def test_a_cut_down_letter_is_redriven_whole_from_its_s3_copy(tmp_path: Pa
     [(key, value, headers)] = broker.messages(TOPIC)
     assert value == original and key == b"k" and headers == {"ce_id": b"whole"}
     store.close()
+
+
+def test_create_schema_adds_the_new_columns_to_an_older_table(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as conn:  # the table as the first release made it
+        conn.exec_driver_sql(
+            "CREATE TABLE dead_letters (id VARCHAR(40) PRIMARY KEY, job_id VARCHAR(128), "
+            "model VARCHAR(64), version VARCHAR(32), code VARCHAR(64) NOT NULL, "
+            "message TEXT NOT NULL, exception VARCHAR(128), attempts INTEGER NOT NULL, "
+            "origin VARCHAR(256) NOT NULL, position VARCHAR(128) NOT NULL, "
+            "payload BLOB NOT NULL, headers JSON NOT NULL, key BLOB, "
+            "created_at DATETIME NOT NULL, redriven_at DATETIME)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO dead_letters VALUES ('old', NULL, NULL, NULL, 'invalid_input', 'm', "
+            "NULL, 0, 'jobs', '0@1', x'7b7d', '{}', NULL, '2026-01-01 00:00:00', NULL)"
+        )
+    letters = DeadLetterStore(engine)
+    letters.create_schema()
+    letters.create_schema()  # twice is fine
+    [old] = letters.list(DeadLetterFilter())
+    assert old.id == "old" and old.published and not old.trimmed and old.payload_size is None
+    delivery = Delivery(b"{}", None, {}, TOPIC, "0@2")
+    new = letters.add(DeadLetter(delivery, "x", "m", payload_size=2, published=False))
+    assert not letters.get_many([new])[new].published
+    engine.dispose()
