@@ -47,6 +47,11 @@ def resource(r: DeadLetterRecord, *, full: bool = False) -> DeadLetterResource:
         redriven_at=r.redriven_at,
         payload=payload_preview(r.payload) if full else None,
         headers=headers_json(r.headers) if full else None,
+        payload_size=r.payload_size,
+        payload_sha256=r.payload_sha256,
+        truncated=r.trimmed,
+        payload_url=r.payload_url,
+        published=r.published,
     )
 
 

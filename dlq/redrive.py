@@ -9,13 +9,14 @@ minus the dead-letter reason headers.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from dlq.router import HEADER_PREFIX
-from dlq.store import DeadLetterStore
+from dlq.store import DeadLetterRecord, DeadLetterStore
 from transports.base import Publisher
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,32 @@ class RedriveJobs(Protocol):
 
 class Redriver:
     def __init__(
-        self, letters: DeadLetterStore, publisher: Publisher, topic: str, jobs: RedriveJobs
+        self,
+        letters: DeadLetterStore,
+        publisher: Publisher,
+        topic: str,
+        jobs: RedriveJobs,
+        *,
+        load_payload: Callable[[str], Awaitable[bytes]] | None = None,
     ) -> None:
         self.letters = letters
         self.publisher = publisher
         self.topic = topic
         self.jobs = jobs
+        # reads the whole payload of a letter that was cut down (ClaimCheck.load_dead_letter)
+        self.load_payload = load_payload
+
+    async def _payload(self, entry: DeadLetterRecord) -> bytes:
+        """The original message; ValueError when only its head was kept."""
+        if not entry.trimmed:
+            return entry.payload
+        cut = f"payload was cut to {len(entry.payload)} of {entry.payload_size} bytes"
+        if entry.payload_url is None or self.load_payload is None:
+            raise ValueError(f"{cut} and no whole copy was kept: it cannot be replayed")
+        whole = await self.load_payload(entry.payload_url)
+        if hashlib.sha256(whole).hexdigest() != entry.payload_sha256:
+            raise ValueError(f"{cut}; {entry.payload_url} does not match its sha256")
+        return whole
 
     async def redrive(
         self, ids: Sequence[str], progress: Callable[[int], None] | None = None
@@ -52,6 +73,14 @@ class Redriver:
         entries = await asyncio.to_thread(self.letters.get_many, ids)
         for entry_id in ids:
             entry = entries[entry_id]
+            try:
+                payload = await self._payload(entry)
+            except Exception as exc:  # left as it is: nothing claimed, the job stays failed
+                report.failed[entry_id] = str(exc) or type(exc).__name__
+                log.warning("redrive of %s refused: %s", entry_id, exc)
+                if progress is not None:
+                    progress(1)
+                continue
             claimed = await asyncio.to_thread(self.letters.mark_redriven, entry_id)
             if not claimed:
                 report.already_redriven.append(entry_id)
@@ -67,7 +96,7 @@ class Redriver:
                         (k, v) for k, v in entry.headers.items() if not k.startswith(HEADER_PREFIX)
                     ]
                     await self.publisher.publish(
-                        self.topic, entry.payload, key=entry.key, headers=headers
+                        self.topic, payload, key=entry.key, headers=headers
                     )
                     report.redriven.append(entry_id)
                 except Exception as exc:  # give the entry back so a later redrive can retry

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    inspect,
     select,
     update,
 )
@@ -57,6 +59,13 @@ DEAD_LETTERS = Table(
     Column("key", LargeBinary, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("redriven_at", DateTime(timezone=True), nullable=True),
+    # added later (create_schema adds them to an older table): the original payload's size
+    # and hash when ``payload`` holds only its head, where the whole of it is, and whether
+    # the letter reached the dead-letter destination or lives only here
+    Column("payload_size", Integer, nullable=True),
+    Column("payload_sha256", String(64), nullable=True),
+    Column("payload_url", String(1100), nullable=True),
+    Column("published", Boolean, nullable=True),
     Index("ix_dead_letters_created", "created_at", "id"),
     Index("ix_dead_letters_model_code", "model", "code", "created_at"),
     Index("ix_dead_letters_job", "job_id"),
@@ -93,6 +102,18 @@ class DeadLetterRecord:
     key: bytes | None
     created_at: datetime
     redriven_at: datetime | None
+    payload_size: int | None = None
+    payload_sha256: str | None = None
+    payload_url: str | None = None
+    published: bool = True
+
+    @property
+    def trimmed(self) -> bool:
+        """``payload`` is only the head of the original message."""
+        return self.payload_size is not None and len(self.payload) < self.payload_size
+
+
+_LATER_COLUMNS = ("payload_size", "payload_sha256", "payload_url", "published")
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -118,6 +139,10 @@ def _record(row: Any) -> DeadLetterRecord:
         key=bytes(row.key) if row.key is not None else None,
         created_at=_utc(row.created_at) or datetime.now(UTC),
         redriven_at=_utc(row.redriven_at),
+        payload_size=row.payload_size,
+        payload_sha256=row.payload_sha256,
+        payload_url=row.payload_url,
+        published=row.published is not False,
     )
 
 
@@ -129,6 +154,23 @@ class DeadLetterStore:
 
     def create_schema(self) -> None:
         _META.create_all(self.engine)
+        self._add_later_columns()
+
+    def _add_later_columns(self) -> None:
+        """Nullable columns added after the table's first release, for an existing table."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("dead_letters")}
+        missing = [name for name in _LATER_COLUMNS if name not in have]
+        if not missing:
+            return
+        dialect = self.engine.dialect
+        with self._begin() as conn:
+            for name in missing:
+                column = DEAD_LETTERS.c[name]
+                kind = column.type.compile(dialect=dialect)
+                # two roles may start at once; SQLite has no IF NOT EXISTS here, but its
+                # "duplicate column" is an OperationalError, which open_store retries
+                guard = "IF NOT EXISTS " if dialect.name == "postgresql" else ""
+                conn.exec_driver_sql(f"ALTER TABLE dead_letters ADD COLUMN {guard}{name} {kind}")
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
@@ -151,10 +193,14 @@ class DeadLetterStore:
                     attempts=letter.attempts,
                     origin=d.source,
                     position=d.position,
-                    payload=d.value or b"",
+                    payload=letter.value,
                     key=d.key,
                     headers={k: base64.b64encode(v).decode() for k, v in d.headers.items()},
                     created_at=datetime.now(UTC),
+                    payload_size=letter.payload_size,
+                    payload_sha256=letter.payload_sha256,
+                    payload_url=letter.payload_url,
+                    published=letter.published,
                 )
             )
         return entry_id

@@ -172,7 +172,16 @@ def _redrive(
         publisher = KafkaPublisher(config)
         await publisher.start()
         try:
-            redriver = Redriver(letters, publisher, settings.kafka_topic, store)
+            from inferq.sqs_wiring import claim_check
+
+            blobs = claim_check(settings)
+            redriver = Redriver(
+                letters,
+                publisher,
+                settings.kafka_topic,
+                store,
+                load_payload=blobs.load_dead_letter if blobs else None,
+            )
             with Progress(console=console, transient=False) as progress:
                 task = progress.add_task("redriving", total=len(ids))
                 report = await redriver.redrive(ids, progress=lambda n: progress.advance(task, n))

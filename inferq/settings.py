@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     kafka_topic: str = "inferq.jobs"
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_group: str = "inferq-workers"
+    kafka_max_request_size: int = Field(default=1024 * 1024, ge=1024)  # largest record sent
 
     # SQS (boto3 reads region and credentials itself; the endpoint is read here, once)
     sqs_queue: str = "inferq-jobs"
@@ -28,6 +29,7 @@ class Settings(BaseSettings):
     sqs_max_receive_count: int = Field(default=5, ge=1, le=1000)
     sqs_visibility_timeout_s: int = Field(default=60, ge=1, le=43_200)
     sqs_wait_time_s: int = Field(default=5, ge=0, le=20)
+    sqs_max_message_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
     aws_endpoint_url: str | None = Field(
         default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL", "INFERQ_AWS_ENDPOINT_URL")
     )
@@ -50,6 +52,11 @@ class Settings(BaseSettings):
 
     max_backlog: int = Field(default=100_000, ge=1)
     max_backlog_per_model: dict[str, int] = Field(default_factory=dict)  # JSON: {"minilm": 5000}
+
+    # dead letters: a payload too large for the destination keeps this much of its head
+    # (all of it goes to s3_bucket when set); a publish failing this long ends in the table
+    dlq_head_bytes: int = Field(default=64 * 1024, ge=0)
+    dlq_publish_deadline_s: float = Field(default=60.0, gt=0)
 
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_s: float = Field(default=1.0, ge=0)

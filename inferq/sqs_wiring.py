@@ -20,6 +20,7 @@ def sqs_config(settings: Settings) -> SqsConfig:
         visibility_timeout_s=settings.sqs_visibility_timeout_s,
         wait_time_s=settings.sqs_wait_time_s,
         max_receive_count=settings.sqs_max_receive_count,
+        max_message_bytes=settings.sqs_max_message_bytes,
     )
 
 

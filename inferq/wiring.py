@@ -55,6 +55,7 @@ def kafka_config(
         bootstrap=settings.kafka_bootstrap,
         client_id=client_id,
         group_instance_id=group_instance_id,
+        max_request_size=settings.kafka_max_request_size,
     )
 
 
@@ -137,8 +138,9 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
         log.warning("no models in %s: run `inferq models build`", repo.root)
     from inferq.sqs_wiring import claim_check
 
+    blobs = claim_check(settings)
     deps = ApiDeps(
-        claim_check=claim_check(settings),
+        claim_check=blobs,
         store=store,
         publisher=publisher,
         models=lambda: cached,
@@ -159,7 +161,13 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
     )
     app = create_app(deps)
     letters = DeadLetterStore(store.engine)
-    redriver = Redriver(letters, deps.publisher, destination, store)
+    redriver = Redriver(
+        letters,
+        deps.publisher,
+        destination,
+        store,
+        load_payload=blobs.load_dead_letter if blobs else None,
+    )
     app.include_router(make_router(letters, redriver))
     return app
 
@@ -211,12 +219,20 @@ async def run_worker(
     letters = DeadLetterStore(store.engine)
     from inferq.sqs_wiring import claim_check
 
+    blobs = claim_check(settings)
     worker = Worker(
-        claim_check=claim_check(settings),
+        claim_check=blobs,
         consumer=consumer,
         store=store,
         models=models,
-        dead_letters=DeadLetterRouter(publisher, dlq, record=letters.add),
+        dead_letters=DeadLetterRouter(
+            publisher,
+            dlq,
+            record=letters.add,
+            offload=blobs,
+            head_bytes=settings.dlq_head_bytes,
+            publish_deadline_s=settings.dlq_publish_deadline_s,
+        ),
         metrics=WorkerMetrics(registry or CollectorRegistry()),
         config=WorkerConfig(
             worker_id=wid,

@@ -28,6 +28,21 @@ class DeadLetterResource(BaseModel):
     created_at: datetime
     redriven_at: datetime | None
     payload: Any | None = Field(default=None, description="The original message (show only).")
+    payload_size: int | None = Field(
+        default=None, description="Size in bytes of the original message's payload."
+    )
+    payload_sha256: str | None = Field(default=None, description="SHA-256 of that payload.")
+    truncated: bool = Field(
+        default=False,
+        description="`payload` is only the head of the original, cut to fit the dead-letter "
+        "destination; `payload_url` names the whole of it when a claim-check bucket was set.",
+    )
+    payload_url: str | None = None
+    published: bool = Field(
+        default=True,
+        description="False: the dead-letter destination refused it or stayed unreachable, so "
+        "it is kept here only.",
+    )
     headers: dict[str, str] | None = None
 
 

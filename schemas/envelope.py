@@ -21,6 +21,7 @@ from schemas.storable import error_field, printable
 
 JOB_REQUESTED = "inferq.job.requested"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 class JobEnvelope(BaseModel):
@@ -100,6 +101,28 @@ def _json(raw: bytes | None, what: str) -> Any:
 
 
 def _decode_binary(headers: Mapping[str, bytes], value: bytes | None) -> JobEnvelope:
+    # the id header is readable on its own: a body or another header that is not must
+    # still fail under that id, so GET /v1/jobs/{id} can tell the publisher why
+    job_id = _valid_id(headers.get("ce_id"))
+    try:
+        return _binary_envelope(headers, value)
+    except EnvelopeError as exc:
+        if exc.job_id is None and job_id is not None:
+            exc.job_id = job_id
+        raise
+
+
+def _valid_id(raw: object) -> str | None:
+    """``raw`` as a job id when it is one (a str or UTF-8 bytes matching the id pattern)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return raw if isinstance(raw, str) and _JOB_ID.fullmatch(raw) else None
+
+
+def _binary_envelope(headers: Mapping[str, bytes], value: bytes | None) -> JobEnvelope:
     attrs: dict[str, Any] = {}
     for key, raw in headers.items():
         if key.startswith("ce_"):
@@ -121,9 +144,7 @@ _REQUIRED = ("specversion", "id", "source", "type")
 
 
 def _validate(attrs: dict[str, Any], prefix: str) -> JobEnvelope:
-    raw_id = attrs.get("id")
-    # only an id the store can hold (no NUL) is carried on, to fail its row and name it
-    job_id = raw_id if isinstance(raw_id, str) and re.fullmatch(JOB_ID_PATTERN, raw_id) else None
+    job_id = _valid_id(attrs.get("id"))
     for name in _REQUIRED:
         if name not in attrs:
             raise EnvelopeError(

@@ -168,3 +168,105 @@ async def test_a_redrive_whose_publish_fails_leaves_the_job_failed_not_queued(dl
     assert again["redriven"] == [a] and len(dlq.broker.messages(TOPIC)) == 1
     requeued = dlq.store.get("a")
     assert requeued is not None and requeued.status is JobStatus.QUEUED
+
+
+async def test_a_cut_down_letter_shows_so_and_is_not_redriven_as_its_head(dlq: Dlq) -> None:
+    """A letter whose payload was cut to fit the bus, with no S3 copy, cannot be replayed:
+    publishing its head would only make a new poison message."""
+    dlq.store.create(NewJob(id="cut", model="identity", version="1", input={"tensor": [1]}))
+    dlq.store.claim(["cut"], worker_id="w", lease_s=60)
+    dlq.store.fail_unstarted("cut", "invalid_input", "too big")
+    original = b'{"model": "identity", "input": {"text": "' + b"z" * 5000 + b'"}}'
+    delivery = Delivery(original, b"cut", {"ce_id": b"cut"}, TOPIC, "0@9")
+    entry = dlq.letters.add(
+        DeadLetter(
+            delivery,
+            "invalid_input",
+            "too big",
+            "cut",
+            payload=original[:100],
+            payload_size=len(original),
+            payload_sha256="ab" * 32,
+            published=False,
+        )
+    )
+    shown = (await dlq.client.get(f"/v1/dlq/{entry}")).json()
+    assert shown["payload_size"] == len(original) and shown["payload_sha256"] == "ab" * 32
+    assert shown["truncated"] is True and shown["published"] is False
+    assert shown["payload_url"] is None
+    r = (await dlq.client.post("/v1/dlq/redrive", json={"ids": [entry]})).json()
+    assert r["redriven"] == [] and "cut to 100 of" in r["failed"][entry]
+    assert dlq.broker.messages(TOPIC) == []
+    row = dlq.store.get("cut")
+    assert row is not None and row.status is JobStatus.FAILED  # not requeued for nothing
+    # still redrivable later (nothing was claimed)
+    assert dlq.letters.list(DeadLetterFilter())[0].redriven_at is None
+
+
+async def test_a_cut_down_letter_is_redriven_whole_from_its_s3_copy(tmp_path: Path) -> None:
+    from transports.blobs import ClaimCheck, MemoryBlobs
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_schema()
+    letters = DeadLetterStore(store.engine)
+    letters.create_schema()
+    broker = MemoryBroker()
+    claim = ClaimCheck(MemoryBlobs({"keep": {}}), bucket="keep")
+    original = b'{"model": "identity", "input": {"tensor": [1]}}' + b" " * 3000
+    url = await claim.offload_dead_letter("x", original)
+    assert url is not None
+    delivery = Delivery(original, b"k", {"ce_id": b"whole"}, TOPIC, "0@3")
+    import hashlib
+
+    entry = letters.add(
+        DeadLetter(
+            delivery,
+            "invalid_input",
+            "m",
+            None,
+            payload=original[:10],
+            payload_size=len(original),
+            payload_sha256=hashlib.sha256(original).hexdigest(),
+            payload_url=url,
+        )
+    )
+    redriver = Redriver(
+        letters,
+        MemoryPublisher(broker),
+        TOPIC,
+        store,
+        load_payload=claim.load_dead_letter,
+    )
+    report = await redriver.redrive([entry])
+    assert report.redriven == [entry], report.failed
+    [(key, value, headers)] = broker.messages(TOPIC)
+    assert value == original and key == b"k" and headers == {"ce_id": b"whole"}
+    store.close()
+
+
+def test_create_schema_adds_the_new_columns_to_an_older_table(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as conn:  # the table as the first release made it
+        conn.exec_driver_sql(
+            "CREATE TABLE dead_letters (id VARCHAR(40) PRIMARY KEY, job_id VARCHAR(128), "
+            "model VARCHAR(64), version VARCHAR(32), code VARCHAR(64) NOT NULL, "
+            "message TEXT NOT NULL, exception VARCHAR(128), attempts INTEGER NOT NULL, "
+            "origin VARCHAR(256) NOT NULL, position VARCHAR(128) NOT NULL, "
+            "payload BLOB NOT NULL, headers JSON NOT NULL, key BLOB, "
+            "created_at DATETIME NOT NULL, redriven_at DATETIME)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO dead_letters VALUES ('old', NULL, NULL, NULL, 'invalid_input', 'm', "
+            "NULL, 0, 'jobs', '0@1', x'7b7d', '{}', NULL, '2026-01-01 00:00:00', NULL)"
+        )
+    letters = DeadLetterStore(engine)
+    letters.create_schema()
+    letters.create_schema()  # twice is fine
+    [old] = letters.list(DeadLetterFilter())
+    assert old.id == "old" and old.published and not old.trimmed and old.payload_size is None
+    delivery = Delivery(b"{}", None, {}, TOPIC, "0@2")
+    new = letters.add(DeadLetter(delivery, "x", "m", payload_size=2, published=False))
+    assert not letters.get_many([new])[new].published
+    engine.dispose()

@@ -163,6 +163,16 @@ async def test_same_event_twice_runs_once(harness: Harness) -> None:
     assert harness.dead_letters() == []
 
 
+def _ce_binary(job_id: str) -> list[tuple[str, bytes]]:
+    return [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", job_id.encode()),
+        ("ce_source", b"//test"),
+        ("ce_type", b"inferq.job.requested"),
+        ("content-type", b"application/json"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("value", "headers", "code", "job_id"),
     [
@@ -171,6 +181,18 @@ async def test_same_event_twice_runs_once(harness: Harness) -> None:
         (b"\xff\xfe\x00", [], "malformed_message", None),
         (b"", [], "malformed_message", None),
         (b"[1, 2]", [], "invalid_envelope", None),
+        # binary mode: the id is readable in its header although the body is not
+        (b"{not json", _ce_binary("bin-bad-body"), "malformed_message", "bin-bad-body"),
+        (b"\xff\xfe", _ce_binary("bin-not-utf8"), "malformed_message", "bin-not-utf8"),
+        (b"", _ce_binary("bin-empty"), "malformed_message", "bin-empty"),
+        (
+            b'{"model": "identity", "input": {"tensor": [1]}}',
+            [*_ce_binary("bin-bad-header"), ("ce_subject", b"\xff")],
+            "malformed_message",
+            "bin-bad-header",
+        ),
+        # an id that no GET /v1/jobs/{id} could name gets no row
+        (b"{not json", _ce_binary("bad/id!"), "malformed_message", None),
         (
             json.dumps(
                 {
@@ -196,7 +218,7 @@ async def test_same_event_twice_runs_once(harness: Harness) -> None:
             ).encode(),
             [],
             "unsupported_event_type",
-            None,
+            "wrong-type",
         ),
         (
             json.dumps({"model": "identity", "input": {"tensor": [1]}}).encode(),
@@ -250,9 +272,11 @@ async def test_undecodable_messages_go_to_the_dlq_and_the_loop_goes_on(
     assert harness.broker.messages(DLQ)[0][1] == value  # the original bytes are kept
     after = harness.store.get("after-poison")
     assert after is not None and after.status is JobStatus.SUCCEEDED
-    if job_id:
+    assert letter.get("job-id") == job_id
+    if job_id:  # what GET /v1/jobs/{id} shows the publisher
         row = harness.store.get(job_id)
         assert row is not None and row.status is JobStatus.FAILED and row.error_code == code
+        assert row.error_message == letter["message"]
 
 
 @pytest.mark.parametrize(

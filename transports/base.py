@@ -17,6 +17,11 @@ class PublishError(TransportError):
     """A publish was not acknowledged by the broker."""
 
 
+class MessageTooLarge(PublishError):
+    """The message is over the destination's size limit: sending the same bytes again fails
+    again."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One message pulled from the bus, with the handle needed to acknowledge it."""
@@ -59,6 +64,17 @@ class Checked(Protocol):
 
     async def check(self) -> None:
         """Return if the next operation could succeed; raise TransportError saying why not."""
+
+
+@runtime_checkable
+class SizeLimited(Protocol):
+    """A publisher that knows the largest message its destination takes."""
+
+    @property
+    def max_message_bytes(self) -> int: ...
+
+    def message_size(self, value: bytes, *, key: bytes | None = None, headers: Headers = ()) -> int:
+        """The size that counts against ``max_message_bytes`` (encoding included)."""
         ...
 
 

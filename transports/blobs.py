@@ -23,6 +23,7 @@ from transports.base import TransportError
 S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")
 REF = "$ref"  # a stored result {"$ref": "s3://..."} stands for the object it names
 _MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024  # far above any bus's message limit
 
 
 class BlobError(TransportError):
@@ -193,6 +194,20 @@ class ClaimCheck:
         bucket, key = self._url("results", job_id)
         await self.blobs.put(bucket, key, data, "application/json")
         return {REF: f"s3://{bucket}/{key}"}
+
+    async def offload_dead_letter(self, name: str, data: bytes) -> str | None:
+        """Keep the whole payload of a dead letter too large for its destination; its URL,
+        or None when there is no bucket to write to."""
+        if self.bucket is None:
+            return None
+        bucket, key = self.bucket, f"{self.prefix}dead-letters/{name}.bin"
+        await self.blobs.put(bucket, key, data, "application/octet-stream")
+        return f"s3://{bucket}/{key}"
+
+    async def load_dead_letter(self, url: str) -> bytes:
+        """The payload ``offload_dead_letter`` wrote (for a redrive)."""
+        bucket, key = parse_s3_url(url)
+        return await self.blobs.get(bucket, key, DEAD_LETTER_MAX_BYTES)
 
     async def result_url(self, result: dict[str, Any] | None) -> str | None:
         """A presigned GET URL for an offloaded result, else None."""

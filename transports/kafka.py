@@ -23,14 +23,23 @@ from aiokafka.errors import (
     InvalidProducerIdMapping,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     ProducerFenced,
     TopicAlreadyExistsError,
     UnknownProducerId,
     for_code,
 )
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from transports.base import Delivery, Headers, PublishError, QueueDepth, TransportError
+from transports.base import (
+    Delivery,
+    Headers,
+    MessageTooLarge,
+    PublishError,
+    QueueDepth,
+    TransportError,
+)
 from transports.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,8 @@ class KafkaConfig:
     # producer: a 1 ms linger batches concurrent publishes; it adds ~1 ms to a lone one
     linger_ms: int = 1
     max_batch_size: int = 64 * 1024
+    # the largest record the producer sends (Kafka's own default; brokers take 1,048,588)
+    max_request_size: int = 1024 * 1024
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     request_timeout_ms: int = 15_000
     # the most a publish waits for its ack: an idempotent aiokafka producer never expires a
@@ -143,6 +154,7 @@ class KafkaPublisher:
             enable_idempotence=True,
             linger_ms=c.linger_ms,
             max_batch_size=c.max_batch_size,
+            max_request_size=c.max_request_size,
             compression_type=c.compression_type,
             request_timeout_ms=c.request_timeout_ms,
             retry_backoff_ms=c.retry_backoff_ms,
@@ -246,6 +258,17 @@ class KafkaPublisher:
         except (KafkaError, TimeoutError) as exc:
             raise TransportError(f"Kafka at {self.config.bootstrap} does not answer") from exc
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self.config.max_request_size
+
+    def message_size(self, value: bytes, *, key: bytes | None = None, headers: Headers = ()) -> int:
+        """The producer's own upper estimate, the figure it checks against max_request_size."""
+        size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            key, value, _headers_out(headers)
+        )
+        return size
+
     async def publish(
         self, destination: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> None:
@@ -260,12 +283,22 @@ class KafkaPublisher:
             async with asyncio.timeout(self.config.delivery_timeout_ms / 1000):
                 while True:
                     producer = await self._current()
+                    sent = False
                     try:
                         ack = await producer.send(
                             destination, value, key=key, headers=_headers_out(headers)
                         )
+                        sent = True
                         await ack
                         return
+                    except MessageSizeTooLargeError as exc:
+                        # the producer's own check, or the broker's refusal: after the
+                        # broker's, this idempotent producer is out of sequence (measured on
+                        # noida-db: OutOfOrderSequenceNumber on every later send), so replace it
+                        if sent:
+                            log.warning("Kafka refused a batch as too large; new producer")
+                            await self._replace(producer)
+                        raise MessageTooLarge(f"publish to {destination!r} refused: {exc}") from exc
                     except KafkaError as exc:
                         if replacements >= _REPLACEMENTS_PER_PUBLISH or not self._unusable(
                             producer, exc
@@ -281,6 +314,8 @@ class KafkaPublisher:
             ) from exc
         except KafkaError as exc:
             raise PublishError(f"publish to {destination!r} not acknowledged: {exc!r}") from exc
+        except MessageTooLarge:
+            raise
         except TransportError as exc:
             if not self._started:
                 raise

@@ -37,7 +37,14 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from transports.base import Delivery, Headers, PublishError, QueueDepth, TransportError
+from transports.base import (
+    Delivery,
+    Headers,
+    MessageTooLarge,
+    PublishError,
+    QueueDepth,
+    TransportError,
+)
 from transports.sqs_wire import decode, encode
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,9 @@ class SqsConfig:
     threads: int = 4
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
+    # SQS counts the body and every attribute's name, type and value; 256 KiB is the limit
+    # queues have long had (newer queues may take 1 MiB, so this is the safe figure)
+    max_message_bytes: int = 256 * 1024
 
 
 def is_fifo(queue: str) -> bool:
@@ -204,6 +214,14 @@ class SqsPublisher:
     ) -> None:
         await self.stop()
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self.config.max_message_bytes
+
+    def message_size(self, value: bytes, *, key: bytes | None = None, headers: Headers = ()) -> int:
+        body, attributes = encode(value, key, headers)
+        return len(body.encode()) + sum(_attribute_size(n, a) for n, a in attributes.items())
+
     async def publish(
         self, destination: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> None:
@@ -222,8 +240,17 @@ class SqsPublisher:
             raise PublishError(str(exc)) from exc
         except TransportError as exc:
             raise PublishError(f"publish to {destination!r} failed: {exc}") from exc
-        except (ClientError, BotoCoreError) as exc:
+        except ClientError as exc:
+            if "must be shorter than" in str(exc):
+                raise MessageTooLarge(f"publish to {destination!r} refused: {exc}") from exc
             raise PublishError(f"publish to {destination!r} not acknowledged: {exc}") from exc
+        except BotoCoreError as exc:
+            raise PublishError(f"publish to {destination!r} not acknowledged: {exc}") from exc
+
+
+def _attribute_size(name: str, attr: dict[str, Any]) -> int:
+    value = attr.get("BinaryValue", b"") or str(attr.get("StringValue", "")).encode()
+    return len(name.encode()) + len(str(attr["DataType"]).encode()) + len(value)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from dlq.router import DeadLetter, DeadLetterRouter
+from dlq.router import DeadLetter, DeadLetterRouter, Routed
 from jobstore.records import (
     Binding,
     ClaimResult,
@@ -121,6 +121,11 @@ class Worker:
         self._bound: dict[str, Binding] = {}  # in-flight id -> the request it runs
         self._stop = asyncio.Event()
         self.processed = 0
+        self._stop = asyncio.Event()  # run()'s: dead-letter retries give up when it is set
+        # poison messages are dead-lettered beside the loop, a bounded number at a time, so
+        # that a slow dead-letter destination never holds the messages behind them
+        self._letter_slots = asyncio.Semaphore(16)
+        self._letter_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -165,6 +170,8 @@ class Worker:
             await batcher.drain()
         if self._write_tasks:
             await asyncio.gather(*self._write_tasks, return_exceptions=True)
+        if self._letter_tasks:
+            await asyncio.gather(*self._letter_tasks, return_exceptions=True)
         await self._commit()
         for batcher in self._batchers.values():
             await batcher.stop()
@@ -376,10 +383,34 @@ class Worker:
             exception=type(exc).__name__ if exc else None,
             attempts=delivery.receive_count,
         )
-        await self.dead_letters.send(letter)
-        self.metrics.dead_letters.labels(code.value).inc()
-        log.warning("dead-lettered %s (%s): %s", delivery.position, code.value, message)
-        self.consumer.ack(delivery)
+        await self._letter_slots.acquire()
+        task = asyncio.create_task(self._route(letter), name=f"dead-letter-{delivery.position}")
+        self._letter_tasks.add(task)
+        task.add_done_callback(self._letter_tasks.discard)
+
+    async def _route(self, letter: DeadLetter) -> None:
+        """Dead-letter one poison message, then ack it (and commit past it)."""
+        try:
+            if await self._dead_letter(letter):
+                where = letter.delivery.position
+                log.warning("dead-lettered %s (%s): %s", where, letter.code, letter.message)
+                self.consumer.ack(letter.delivery)
+                await self._commit()
+        except Exception:  # unacked: it comes again after a restart; the others go on
+            log.exception("dead-lettering %s failed", letter.delivery.position)
+        finally:
+            self._letter_slots.release()
+
+    async def _dead_letter(self, letter: DeadLetter) -> bool:
+        """Send a dead letter; True once the original may be acknowledged."""
+        routed: Routed = await self.dead_letters.send(letter, stop=self._stop)
+        if routed.trimmed:
+            self.metrics.dlq_trimmed.labels("s3" if routed.offloaded else "none").inc()
+        if routed.unpublished_reason is not None:
+            self.metrics.dlq_unpublished.labels(routed.unpublished_reason).inc()
+        if routed.acked:
+            self.metrics.dead_letters.labels(letter.code).inc()
+        return routed.acked
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -452,9 +483,13 @@ class Worker:
                     self.metrics.end_to_end.labels(name).observe(
                         (now - item.record.created_at).total_seconds()
                     )
-                if outcome.status is JobStatus.FAILED and outcome.job_id not in retrying:
-                    await self.dead_letters.send(_inference_letter(item, outcome))
-                    self.metrics.dead_letters.labels(outcome.error_code or "unknown").inc()
+                if (
+                    outcome.status is JobStatus.FAILED
+                    and outcome.job_id not in retrying
+                    and not await self._dead_letter(_inference_letter(item, outcome))
+                ):
+                    self._in_flight.discard(item.record.id)
+                    continue  # not acked: delivered again after a restart
                 self.consumer.ack(item.delivery)
                 self._in_flight.discard(item.record.id)
                 self._bound.pop(item.record.id, None)

@@ -51,6 +51,19 @@ class WorkerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.dlq_trimmed = Counter(
+            "inferq_dlq_trimmed_total",
+            "Dead letters cut to their head to fit the destination (copy: s3 or none).",
+            ["copy"],
+            registry=registry,
+        )
+        self.dlq_unpublished = Counter(
+            "inferq_dlq_unpublished_total",
+            "Dead letters kept in the dead-letter table only: the destination refused them "
+            "or stayed unreachable, or the worker was stopping.",
+            ["reason"],
+            registry=registry,
+        )
         self.skipped = Counter(
             "inferq_messages_skipped_total",
             "Messages acknowledged without running (already terminal, cancelled, expired, dup).",
