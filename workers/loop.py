@@ -126,6 +126,8 @@ class Worker:
         # that a slow dead-letter destination never holds the messages behind them
         self._letter_slots = asyncio.Semaphore(16)
         self._letter_tasks: set[asyncio.Task[None]] = set()
+        # re-publishes waiting out a backoff: cancelled at stop (their messages stay unacked)
+        self._deferred: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -166,6 +168,9 @@ class Worker:
             await self.consumer.stop()
 
     async def _drain(self) -> None:
+        for task in list(self._deferred):
+            task.cancel()
+        await asyncio.gather(*self._deferred, return_exceptions=True)
         for batcher in self._batchers.values():
             await batcher.drain()
         if self._write_tasks:
@@ -326,10 +331,54 @@ class Worker:
         except ValueError as exc:
             code, msg, error = ErrorCode.INVALID_INPUT, f"input_url {url}: {exc}", exc
         except BlobError as exc:  # S3 unreachable: not the message's fault, try again later
-            log.warning("cannot read %s, leaving it for redelivery: %s", url, exc)
+            await self._input_unavailable(delivery, envelope, url, exc)
             return None
         await self._poison(delivery, code, msg, envelope=envelope, exc=error)
         return None
+
+    async def _input_unavailable(
+        self, delivery: Delivery, envelope: JobEnvelope, url: str, exc: BlobError
+    ) -> None:
+        """Retry a job whose input cannot be read for now, with the retry policy's backoff,
+        then dead-letter it; the message is always settled, so no commit waits on S3."""
+        if isinstance(self.consumer, Redelivering):
+            attempt = delivery.receive_count
+        else:
+            attempt = _input_attempts(delivery) + 1
+        if attempt >= self.retry.max_attempts or (
+            self.retry_pump is None and not isinstance(self.consumer, Redelivering)
+        ):
+            msg = f"input_url {url} could not be read ({attempt} attempts): {exc}"
+            await self._poison(
+                delivery, ErrorCode.INPUT_UNAVAILABLE, msg, envelope=envelope, exc=exc
+            )
+            return
+        delay = self.retry.delay_s(attempt)
+        log.warning("cannot read %s (attempt %d), retrying in %.1fs: %s", url, attempt, delay, exc)
+        self.metrics.retries.labels(envelope.data.model, ErrorCode.INPUT_UNAVAILABLE.value).inc()
+        if isinstance(self.consumer, Redelivering):
+            await self.consumer.nack(delivery, delay)
+            return
+        task = asyncio.create_task(self._republish_later(delivery, delay, attempt))
+        self._deferred.add(task)
+        task.add_done_callback(self._deferred.discard)
+
+    async def _republish_later(self, delivery: Delivery, delay_s: float, attempt: int) -> None:
+        """Kafka has no per-message redelivery: publish the same message again after the
+        backoff, then acknowledge the original (a crash before that means redelivery)."""
+        assert self.retry_pump is not None
+        await asyncio.sleep(delay_s)
+        headers = [(k, v) for k, v in delivery.headers.items() if k != INPUT_ATTEMPTS_HEADER]
+        headers.append((INPUT_ATTEMPTS_HEADER, str(attempt).encode()))
+        try:
+            await self.retry_pump.publisher.publish(
+                self.retry_pump.topic, delivery.value or b"", key=delivery.key, headers=headers
+            )
+        except Exception as exc:  # left unacknowledged: redelivered after a restart
+            log.warning("re-publishing %s failed: %s", delivery.position, exc)
+            return
+        self.consumer.ack(delivery)
+        await self._commit()
 
     def _ensure_and_claim(
         self, new_jobs: list[NewJob], due: set[str], bindings: Mapping[str, Binding]
@@ -588,6 +637,18 @@ class Worker:
 async def _sleep_until(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+# how often a message's input_url could not be read (Kafka re-publishes carry it)
+INPUT_ATTEMPTS_HEADER = "inferq-input-attempts"
+
+
+def _input_attempts(delivery: Delivery) -> int:
+    raw = delivery.headers.get(INPUT_ATTEMPTS_HEADER)
+    try:
+        return int(raw or b"0")
+    except ValueError:
+        return 0
 
 
 def _run_isolating(model: LoadedModel, items: list[WorkItem]) -> list[dict[str, Any] | Exception]:
