@@ -154,13 +154,14 @@ def test_broker_kill_9_and_restart_loses_nothing(
             _alive(api, stack, "api")
             return clients.count() > killed_with + 5
 
+        api_problem: list[str] = []
         try:
-            wait_for(api_took_one, 60, "the API to accept jobs again after the broker restart")
-        except AssertionError as exc:
-            raise AssertionError(
+            wait_for(api_took_one, 45, "the API to accept jobs again after the broker restart")
+        except AssertionError as exc:  # still check what was accepted before the kill
+            api_problem.append(
                 f"{exc}: answers {clients.answers}, errors {clients.errors[-3:]}\n"
-                f"{stack.log('api')}"
-            ) from None
+                f"{stack.log('api')[-1500:]}"
+            )
         api_recovery = time.monotonic() - t0
         recovery = measure_recovery(
             store,
@@ -169,7 +170,8 @@ def test_broker_kill_9_and_restart_loses_nothing(
             90,
             alive=lambda: _alive(worker, stack, "worker"),
         )
-        wait_for(lambda: clients.count() >= killed_with + 40, 60, "jobs after the restart")
+        if not api_problem:
+            wait_for(lambda: clients.count() >= killed_with + 40, 60, "jobs after the restart")
         clients.halt()
         ids = list(clients.accepted)
         wait_for(
@@ -187,12 +189,13 @@ def test_broker_kill_9_and_restart_loses_nothing(
         )
         _say(
             f"broker kill -9: first job completed {recovery:.2f}s after the restart; the API "
-            f"accepted again after {api_recovery:.2f}s; {report.summary()}; "
+            f"accepted again after {'never' if api_problem else f'{api_recovery:.2f}s'}; "
+            f"{report.summary()}; "
             f"answers {clients.answers}"
         )
         record_property("recovery_s", round(recovery, 3))
         record_property("api_recovery_s", round(api_recovery, 3))
-        assert_consistent(report, context=stack.log("worker"))
+        assert_consistent(report, *api_problem, context=stack.log("worker"))
         store.close()
     finally:
         if clients is not None:
