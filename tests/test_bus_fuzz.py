@@ -45,6 +45,9 @@ from transports.broker import EmbeddedKafka
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 SEED = int(os.environ.get("INFERQ_FUZZ_SEED", "20261202"))
+# for diagnosis only: leave out cases whose name starts with one of these (comma-separated),
+# e.g. to see what else fails once a crash-looping shape is out of the way
+EXCLUDE = tuple(x for x in os.environ.get("INFERQ_FUZZ_EXCLUDE", "").split(",") if x)
 N_CASES = 200
 PARTITIONS = 3  # the `topic` fixture's partition count
 # a message this size (value) is under noida-db's ~1 MiB limit with a few headers
@@ -107,6 +110,8 @@ class Fuzz:
         return f"fz{len(self.cases):04d}-{self.rng.randrange(16**6):06x}"
 
     def add(self, name: str, want: Want, message: Message, **kw: Any) -> Case:
+        if name.startswith(EXCLUDE) and EXCLUDE:
+            return Case(-1, name, want, message, **kw)  # built, not kept
         case = Case(len(self.cases), name, want, message, **kw)
         self.cases.append(case)
         return case
@@ -373,6 +378,8 @@ class Fuzz:
         job_id = f"fzbig-{p}-{self.rng.randrange(16**6):06x}"
         data = {"model": "nope", "input": {"pad": "x" * OVERSIZE_BYTES}}
         value = job_event(job_id, data)
+        if "oversize-poison".startswith(EXCLUDE) and EXCLUDE:
+            return
         case = Case(-1, "oversize-poison", Want.DEAD, Message(value, job_id.encode(), [], p))
         case.message.headers.extend(STRUCTURED)
         case.job_id = job_id
@@ -424,6 +431,16 @@ def _dead_letter_positions(letters: list[Stored], topic: str) -> dict[str, list[
     return out
 
 
+def _last_errors(stack: Stack) -> str:
+    """The last exception line of every worker log (a crash loop shows one per restart)."""
+    out = []
+    for path in sorted(stack.data_dir.glob("worker-*.log")):
+        lines = path.read_text(errors="replace").splitlines()
+        errors = [ln for ln in lines if ln and not ln.startswith((" ", "\t")) and "Error" in ln]
+        out.append(f"{path.name}: {errors[-1][:400] if errors else '(no error)'}")
+    return "\n".join(out)
+
+
 @pytest.mark.timeout(300)
 def test_bus_fuzz_every_message_runs_once_or_is_dead_lettered(
     tmp_path: Path,
@@ -458,7 +475,7 @@ def test_bus_fuzz_every_message_runs_once_or_is_dead_lettered(
                 return True
 
             try:
-                wait_for(canaries_done, 120, "a good job on every partition", interval=0.25)
+                wait_for(canaries_done, 90, "a good job on every partition", interval=0.25)
             except AssertionError as exc:
                 stuck = [
                     (c.message.partition, client.get(f"/v1/jobs/{c.job_id}").json())
@@ -481,7 +498,7 @@ def test_bus_fuzz_every_message_runs_once_or_is_dead_lettered(
             ghosts = [
                 j["id"]
                 for status in ("queued", "running")
-                for j in client.get("/v1/jobs", params={"status": status, "limit": 1000}).json()[
+                for j in client.get("/v1/jobs", params={"status": status, "limit": 500}).json()[
                     "data"
                 ]
             ]
@@ -553,15 +570,17 @@ def test_bus_fuzz_every_message_runs_once_or_is_dead_lettered(
         if worker.deaths:
             problems.append(f"the worker died {len(worker.deaths)} times: {worker.deaths}")
         kinds = Counter(f"{c.name}:{c.want.value}" for c in cases)
+        failing = Counter(line.split(" ")[1] for line in problems if line.startswith("#"))
         print(
             f"\n[fuzz] seed {SEED}: {len(cases)} messages "
             f"({sum(1 for c in cases if c.want is Want.DEAD)} poison), "
             f"{len(letters)} dead letters, drained in {drained_s:.1f}s; kinds {dict(kinds)}"
         )
         assert not problems, (
-            f"seed {SEED}: {len(problems)} problems\n"
-            + "\n".join(problems[:60])
-            + f"\n{stack.log('worker')}"
+            f"seed {SEED}: {len(problems)} problems; failing cases by shape {dict(failing)}\n"
+            + "\n".join(problems[:40])
+            + "\n--- why each worker process ended:\n"
+            + _last_errors(stack)
         )
     finally:
         stack.stop_all()
