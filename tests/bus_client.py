@@ -140,21 +140,23 @@ def read_all(bootstrap: str, topic: str, *, expect: int = 0, timeout: float = 30
                 if len(out) >= expect and time.monotonic() - quiet_since > 1.0:
                     break
                 continue
-            if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            error = msg.error()
+            if error is not None:
+                if error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     continue
-                if msg.error().code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    continue
-                raise AssertionError(f"reading {topic}: {msg.error()}")
+                raise AssertionError(f"reading {topic}: {error}")
             quiet_since = time.monotonic()
+            raw = msg.headers() or []
+            pairs = list(raw.items()) if isinstance(raw, dict) else raw
+            headers = {k: v for k, v in pairs if isinstance(v, bytes)}
             out.append(
                 Stored(
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
+                    str(msg.topic()),
+                    int(msg.partition() or 0),
+                    int(msg.offset() or 0),
                     msg.key(),
                     msg.value(),
-                    dict(msg.headers() or []),
+                    headers,
                 )
             )
     finally:

@@ -161,7 +161,10 @@ def webhook_consistency(
     by_job: dict[str, set[str]] = {}
     for r in received:
         by_job.setdefault(r.job_id, set()).add(r.msg_id)
-    not_received, wrong_ids, repeats, rows_bad = [], [], [], []
+    not_received: list[str] = []
+    wrong_ids: list[str] = []
+    repeats: list[str] = []
+    rows_bad: list[str] = []
     for job_id in job_ids:
         want = webhook_id(job_id, event)
         if by_job.get(job_id, set()) != {want}:

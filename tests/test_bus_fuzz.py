@@ -295,7 +295,7 @@ class Fuzz:
 
     def _invalid_input(self, p: int) -> None:
         job_id = self._id()
-        data = self.rng.choice(
+        data: dict[str, Any] = self.rng.choice(
             [
                 {"model": "identity", "input": {"text": "not a tensor"}},
                 {"model": "identity", "input": {"tensor": []}},

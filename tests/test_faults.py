@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +123,7 @@ class HttpClients:
 @pytest.mark.kafka
 @pytest.mark.timeout(240)
 def test_broker_kill_9_and_restart_loses_nothing(
-    tmp_path: Path, model_repo: Path, record_property: pytest.RecordProperty
+    tmp_path: Path, model_repo: Path, record_property: Callable[[str, object], None]
 ) -> None:
     broker = EmbeddedKafka(tmp_path / "broker", free_port())
     broker.start()
@@ -271,7 +271,7 @@ def test_postgres_stop_and_start_loses_nothing(
     topic: str,
     model_repo: Path,
     throwaway_postgres: ThrowawayPostgres,
-    record_property: pytest.RecordProperty,
+    record_property: Callable[[str, object], None],
 ) -> None:
     pg = throwaway_postgres
     stack = Stack(tmp_path, kafka_broker.bootstrap, topic, model_repo, database_url=pg.url)
@@ -357,7 +357,7 @@ def test_worker_kill_9_five_times_in_a_row_loses_nothing(
     kafka_broker: EmbeddedKafka,
     topic: str,
     model_repo: Path,
-    record_property: pytest.RecordProperty,
+    record_property: Callable[[str, object], None],
 ) -> None:
     stack = Stack(tmp_path, kafka_broker.bootstrap, topic, model_repo)
     try:
@@ -408,7 +408,7 @@ def test_worker_kill_9_five_times_in_a_row_loses_nothing(
 @pytest.mark.redis
 @pytest.mark.timeout(200)
 def test_redis_stopped_during_webhook_delivery_loses_nothing(
-    tmp_path: Path, record_property: pytest.RecordProperty
+    tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     redis_server = ThrowawayRedis(tmp_path / "redis")
     redis_server.start()
