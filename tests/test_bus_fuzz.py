@@ -376,17 +376,29 @@ class Fuzz:
         )
 
     def _oversize(self, p: int, at: int) -> None:
-        job_id = f"fzbig-{p}-{self.rng.randrange(16**6):06x}"
-        data = {"model": "nope", "input": {"pad": ""}}
-        overhead = len(job_event(job_id, data))
-        data["input"]["pad"] = "x" * (OVERSIZE_BYTES - overhead)
-        value = job_event(job_id, data)
-        assert len(value) == OVERSIZE_BYTES
-        if "oversize-poison".startswith(EXCLUDE) and EXCLUDE:
+        """A message that the broker takes (value + headers just under its limit) and that
+        is poison (its input is not a tensor): its dead-letter copy, with the reason headers
+        added, no longer fits as it is."""
+        if EXCLUDE and "oversize-poison".startswith(EXCLUDE):
             return
-        case = Case(-1, "oversize-poison", Want.DEAD, Message(value, job_id.encode(), [], p))
-        case.message.headers.extend(STRUCTURED)
-        case.job_id = job_id
+        job_id = f"fzbig-{p}-{self.rng.randrange(16**6):06x}"
+        data: dict[str, Any] = {"model": "identity", "input": {"tensor": [""]}}
+        trace: Headers = [("x-trace", b"t" * 250)]
+        binary = p % 2 == 0
+        if binary:
+            headers, overhead = binary_headers(job_id) + trace, len(json.dumps(data))
+        else:
+            headers, overhead = list(STRUCTURED) + trace, len(job_event(job_id, data))
+        data["input"]["tensor"] = ["x" * (OVERSIZE_BYTES - overhead)]
+        value = json.dumps(data).encode() if binary else job_event(job_id, data)
+        assert len(value) == OVERSIZE_BYTES
+        case = Case(
+            -1,
+            f"oversize-poison-{'binary' if binary else 'structured'}",
+            Want.DEAD,
+            Message(value, job_id.encode(), headers, p),
+            job_id=job_id,
+        )
         self.cases.insert(at, case)
         for i, c in enumerate(self.cases):
             c.seq = i
