@@ -448,7 +448,7 @@ def _dead_letter_positions(letters: list[Stored], topic: str) -> dict[str, list[
 
 
 def _last_errors(stack: Stack) -> str:
-    """The last exception line of every worker log (a crash loop shows one per restart)."""
+    """The last error line of every worker log (a crash loop shows one log per restart)."""
     out = []
     for path in sorted(stack.data_dir.glob("worker-*.log")):
         lines = path.read_text(errors="replace").splitlines()
@@ -607,7 +607,7 @@ def test_bus_fuzz_every_message_runs_once_or_is_dead_lettered(
         assert not problems, (
             f"seed {SEED}: {len(problems)} problems; failing cases by shape {dict(failing)}\n"
             + "\n".join(problems[:40])
-            + "\n--- why each worker process ended:\n"
+            + "\n--- the last error line of each worker log (one log per start):\n"
             + _last_errors(stack)
         )
     finally:
