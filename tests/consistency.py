@@ -125,11 +125,11 @@ def job_consistency(
             and o[2] == refused_code
             and o[3] == 0
         ]
-        if total - len(refused) != len(ids):
-            strays = [o for o in others if o not in refused][:5]
+        strays = [o for o in others if o not in refused]
+        if strays:  # a row nobody was told about: a second job for one request
             problems.append(
-                f"DUPLICATED: the store holds {total} jobs ({len(refused)} refused) for "
-                f"{len(ids)} accepted; e.g. {strays}"
+                f"DUPLICATED: the store holds {total} jobs, {len(strays)} of them not accepted "
+                f"(and {len(refused)} refused): e.g. {strays[:5]}"
             )
     if letters is not None:
         lettered = Counter(
