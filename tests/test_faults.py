@@ -190,11 +190,12 @@ def test_broker_kill_9_and_restart_loses_nothing(
         clients.halt()
         accepted = {**clients.accepted, **direct}
         ids = list(accepted)
-        wait_for(
-            lambda: all(r.terminal for r in store.get_many(ids).values()),
-            90,
-            "every accepted job terminal",
-        )
+        with contextlib.suppress(AssertionError):  # the check below names what is not
+            wait_for(
+                lambda: all(r.terminal for r in store.get_many(ids).values()),
+                60,
+                "every accepted job terminal",
+            )
         report = job_consistency(
             store,
             ids,
