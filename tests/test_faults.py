@@ -149,20 +149,6 @@ def test_broker_kill_9_and_restart_loses_nothing(
         broker.start()
         restarted = now()
         t0 = time.monotonic()
-
-        def api_took_one() -> bool:
-            _alive(api, stack, "api")
-            return clients.count() > killed_with + 5
-
-        api_problem: list[str] = []
-        try:
-            wait_for(api_took_one, 45, "the API to accept jobs again after the broker restart")
-        except AssertionError as exc:  # still check what was accepted before the kill
-            api_problem.append(
-                f"{exc}: answers {clients.answers}, errors {clients.errors[-3:]}\n"
-                f"{stack.log('api')[-1500:]}"
-            )
-        api_recovery = time.monotonic() - t0
         # jobs published straight onto the bus after the restart: the worker's recovery is
         # measured even when the API's is not there
         direct = {f"bk-direct-{i}": [float(i), 9.0] for i in range(5)}
@@ -178,6 +164,20 @@ def test_broker_kill_9_and_restart_loses_nothing(
                 for i, t in direct.items()
             ],
         )
+
+        def api_took_one() -> bool:
+            _alive(api, stack, "api")
+            return clients.count() > killed_with + 5
+
+        api_problem: list[str] = []
+        try:
+            wait_for(api_took_one, 45, "the API to accept jobs again after the broker restart")
+        except AssertionError as exc:  # still check what was accepted before the kill
+            api_problem.append(
+                f"{exc}: answers {clients.answers}, errors {clients.errors[-3:]}\n"
+                f"{stack.log('api')[-1500:]}"
+            )
+        api_recovery = time.monotonic() - t0
         recovery = measure_recovery(
             store,
             [*clients.accepted, *direct],
