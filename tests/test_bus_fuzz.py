@@ -323,7 +323,9 @@ class Fuzz:
             else Message(job_event(job_id, data), job_id.encode(), list(STRUCTURED), p)
         )
         result = {"tensor": data["input"]["tensor"]} if data["model"] == "identity" else None
-        self.add(name, Want.EITHER, msg, job_id=job_id, result=result)
+        # NUL, lone surrogates and deep metadata break the request contract (schemas.storable),
+        # over the bus as over HTTP: dead-lettered as invalid_input, never run
+        self.add(name, Want.DEAD, msg, job_id=job_id, result=result)
 
     def _nul(self, p: int) -> None:
         where = self.rng.choice(["metadata", "text", "metadata-key"])
