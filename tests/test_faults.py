@@ -22,7 +22,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from webhooks.signing import generate_secret
 
 from dlq.store import DeadLetterStore
 from jobstore.store import JobStore
@@ -41,6 +40,7 @@ from tests.test_webhooks_celery import Control
 from tests.webhook_receiver import Receiver
 from transports.broker import EmbeddedKafka
 from transports.kafka import KafkaConfig, ensure_topics
+from webhooks.signing import generate_secret
 
 pytestmark = pytest.mark.slow
 
