@@ -23,8 +23,9 @@ models: setup
 	$(BIN)/inferq models build
 
 # The main job: broker, API, worker pool and a SQLite job store, embedded. Ctrl-C stops all.
+# `make run PORT=8080` for another API port (taken default ports fall back to free ones)
 run: models
-	$(BIN)/inferq dev
+	$(BIN)/inferq dev $(if $(PORT),--port $(PORT))
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
