@@ -105,7 +105,9 @@ def webhook_router() -> APIRouter:
         return DisabledEndpointList(data=await asyncio.to_thread(outbox.disabled_endpoints))
 
     @router.post(
-        "/v1/webhooks/endpoints/enable", response_model=DisabledEndpoint, responses=_ERRORS
+        "/v1/webhooks/endpoints/enable",
+        response_model=DisabledEndpoint,
+        responses={**_ERRORS, 400: {"model": ErrorResponse}},  # a body that is not JSON
     )
     async def enable_endpoint(body: EnableEndpoint, request: Request) -> DisabledEndpoint:
         """Send to a URL disabled by 410 Gone again (its settled deliveries: replay the jobs);
