@@ -2,85 +2,108 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from datetime import datetime
+from typing import TYPE_CHECKING, Annotated
 
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
+import typer
 
-from dlq.http import resource
-from dlq.redrive import RedriveJobs, Redriver
-from dlq.store import DeadLetterFilter, DeadLetterStore
-from inferq.settings import Settings
+from inferq.cli_base import InferqCommand, InferqGroup, iso_time, settings
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    dlq = sub.add_parser("dlq", help="dead letters: list, show, redrive, purge")
-    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+    from dlq.store import DeadLetterFilter, DeadLetterStore
+    from inferq.settings import Settings
+    from jobstore.store import JobStore
 
-    def filters(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model")
-        p.add_argument("--code", help="error code, e.g. inference_failed")
-        p.add_argument("--since", type=datetime.fromisoformat, help="ISO time, inclusive")
-        p.add_argument("--until", type=datetime.fromisoformat, help="ISO time, exclusive")
+app = typer.Typer(
+    cls=InferqGroup, help="Dead letters: list, show, redrive, purge.", no_args_is_help=True
+)
 
-    ls = dsub.add_parser("list", help="list dead letters (newest first)")
-    filters(ls)
-    ls.add_argument("--limit", type=int, default=50)
-    ls.add_argument("--include-redriven", action="store_true")
-    ls.add_argument("--json", action="store_true")
-    show = dsub.add_parser("show", help="one dead letter, with its message and headers")
-    show.add_argument("id")
-    redrive = dsub.add_parser("redrive", help="put dead letters back on the jobs topic")
-    redrive.add_argument("ids", nargs="*")
-    filters(redrive)
-    redrive.add_argument("--all", action="store_true", help="every waiting dead letter")
-    purge = dsub.add_parser("purge", help="delete dead-letter records")
-    filters(purge)
-    purge.add_argument("--all", action="store_true", help="purge without a filter")
-    purge.add_argument("--yes", action="store_true", help="don't ask for confirmation")
+Model = Annotated[str | None, typer.Option(metavar="NAME", help="only dead letters of this model")]
+Code = Annotated[
+    str | None, typer.Option(metavar="CODE", help="only this error code, e.g. inference_failed")
+]
+Since = Annotated[
+    datetime | None,
+    typer.Option(
+        parser=iso_time, metavar="TIME", help="only dead letters from this ISO time (inclusive)"
+    ),
+]
+Until = Annotated[
+    datetime | None,
+    typer.Option(
+        parser=iso_time, metavar="TIME", help="only dead letters before this ISO time (exclusive)"
+    ),
+]
 
 
-def _filter(args: argparse.Namespace, *, include_redriven: bool = False) -> DeadLetterFilter:
-    return DeadLetterFilter(args.model, args.code, args.since, args.until, include_redriven)
+def _filter(
+    model: str | None,
+    code: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    include_redriven: bool = False,
+) -> DeadLetterFilter:
+    from dlq.store import DeadLetterFilter
+
+    return DeadLetterFilter(model, code, since, until, include_redriven)
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+@contextlib.contextmanager
+def _opened(found: Settings) -> Iterator[tuple[JobStore, DeadLetterStore]]:
+    from dlq.store import DeadLetterStore
     from inferq.wiring import open_store
 
-    store = open_store(settings)
-    letters = DeadLetterStore(store.engine)
-    letters.create_schema()
-    console = Console()
-    err = Console(stderr=True)
+    store = open_store(found)
     try:
-        command = args.dlq_command
-        if command == "list":
-            # which store was read, so an empty list is not mistaken for an empty DLQ elsewhere
-            url = store.engine.url.render_as_string(hide_password=True)
-            print(f"dead letters in {url}", file=sys.stderr)  # plain: never wrapped
-            return _list(console, letters, args)
-        if command == "show":
-            found = letters.get_many([args.id])
-            if args.id not in found:
-                err.print(f"[red]no dead letter {args.id!r}[/red]")
-                return 1
-            console.print_json(resource(found[args.id], full=True).model_dump_json())
-            return 0
-        if command == "purge":
-            return _purge(console, err, letters, args)
-        return _redrive(console, err, letters, store, settings, args)
+        letters = DeadLetterStore(store.engine)
+        letters.create_schema()
+        yield store, letters
     finally:
         store.close()
 
 
-def _list(console: Console, letters: DeadLetterStore, args: argparse.Namespace) -> int:
-    rows = letters.list(_filter(args, include_redriven=args.include_redriven), limit=args.limit)
-    if args.json:
+def _consoles() -> tuple[Console, Console]:
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+@app.command("list", cls=InferqCommand)
+def list_letters(
+    ctx: typer.Context,
+    model: Model = None,
+    code: Code = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[
+        int, typer.Option(min=1, metavar="N", help="at most this many, newest first")
+    ] = 50,
+    include_redriven: Annotated[
+        bool, typer.Option("--include-redriven", help="also those already redriven")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="the dead-letter resources as JSON")
+    ] = False,
+) -> int:
+    """List dead letters (newest first), with whole ids; says which store it read."""
+    from rich.table import Table
+
+    from dlq.http import resource
+
+    console, _ = _consoles()
+    with _opened(settings(ctx)) as (store, letters):
+        # which store was read, so an empty list is not mistaken for an empty DLQ elsewhere
+        url = store.engine.url.render_as_string(hide_password=True)
+        print(f"dead letters in {url}", file=sys.stderr)  # plain: never wrapped
+        rows = letters.list(_filter(model, code, since, until, include_redriven), limit=limit)
+    if as_json:
         print(json.dumps([resource(r).model_dump(mode="json") for r in rows], indent=2))
         return 0
     if not rows:
@@ -107,78 +130,94 @@ def _list(console: Console, letters: DeadLetterStore, args: argparse.Namespace) 
     return 0
 
 
-def _purge(
-    console: Console, err: Console, letters: DeadLetterStore, args: argparse.Namespace
+@app.command(cls=InferqCommand)
+def show(
+    ctx: typer.Context,
+    entry: Annotated[
+        str, typer.Argument(metavar="ID", help="a dead-letter id, as `list` prints it")
+    ],
 ) -> int:
-    f = _filter(args)
-    if f.empty and not args.all:
-        err.print(
-            "[red]purge without a filter would delete every dead letter: "
-            "give --model/--code/--since/--until, or --all[/red]"
-        )
-        return 2
-    count = len(letters.ids(DeadLetterFilter(f.model, f.code, f.since, f.until, True)))
-    if count == 0:
-        console.print("no dead letters match; nothing purged")
-        return 0
-    if not args.yes:
-        if not sys.stdin.isatty():
-            err.print(f"[red]{count} dead letters would be purged; confirm with --yes[/red]")
-            return 2
-        answer = console.input(f"purge {count} dead letters? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            console.print("nothing purged")
-            return 1
-    console.print(f"purged {letters.purge(f)} dead letters")
+    """One dead letter, with its reason, its original message and headers."""
+    from dlq.http import resource
+
+    console, err = _consoles()
+    with _opened(settings(ctx)) as (_store, letters):
+        found = letters.get_many([entry])
+    if entry not in found:
+        err.print(f"[red]no dead letter {entry!r}[/red]")
+        return 1
+    console.print_json(resource(found[entry], full=True).model_dump_json())
     return 0
+
+
+@app.command(cls=InferqCommand)
+def redrive(
+    ctx: typer.Context,
+    ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="ID", help="dead-letter ids (or give a filter, or --all)"),
+    ] = None,
+    model: Model = None,
+    code: Code = None,
+    since: Since = None,
+    until: Until = None,
+    everything: Annotated[bool, typer.Option("--all", help="every waiting dead letter")] = False,
+) -> int:
+    """Put dead letters back on the jobs topic or queue; a progress bar on bulk redrives."""
+    console, err = _consoles()
+    f = _filter(model, code, since, until)
+    found = settings(ctx)
+    with _opened(found) as (store, letters):
+        if ids:
+            known = letters.get_many(ids)
+            missing = [i for i in ids if i not in known]
+            if missing:
+                err.print(f"[red]not in the dead-letter queue: {', '.join(missing)}[/red]")
+                return 1
+            chosen = list(dict.fromkeys(ids))
+        elif not f.empty or everything:
+            chosen = letters.ids(f)
+        else:
+            err.print(
+                "[red]give dead-letter ids, a filter (--model/--code/--since/--until), "
+                "or --all[/red]"
+            )
+            return 2
+        if not chosen:
+            console.print("no dead letters match; nothing redriven")
+            return 0
+        return _redrive(console, err, found, letters, store, chosen)
 
 
 def _redrive(
     console: Console,
     err: Console,
+    found: Settings,
     letters: DeadLetterStore,
-    store: RedriveJobs,
-    settings: Settings,
-    args: argparse.Namespace,
+    store: JobStore,
+    ids: list[str],
 ) -> int:
-    from inferq.wiring import ConfigError, kafka_config
-    from transports.kafka import KafkaPublisher
+    from rich.progress import Progress
 
-    f = _filter(args)
-    if args.ids:
-        found = letters.get_many(args.ids)
-        missing = [i for i in args.ids if i not in found]
-        if missing:
-            err.print(f"[red]not in the dead-letter queue: {', '.join(missing)}[/red]")
-            return 1
-        ids = list(dict.fromkeys(args.ids))
-    elif not f.empty or args.all:
-        ids = letters.ids(f)
-    else:
-        err.print(
-            "[red]give dead-letter ids, a filter (--model/--code/--since/--until), or --all[/red]"
-        )
-        return 2
-    if not ids:
-        console.print("no dead letters match; nothing redriven")
-        return 0
+    from dlq.redrive import Redriver
+    from inferq.sqs_wiring import claim_check
+    from inferq.wiring import ConfigError, job_publisher
+
     try:
-        config = kafka_config(settings, "inferq-dlq")
+        # the configured transport's publisher and jobs destination, as the API's redrive
+        publisher, destination, _structured = job_publisher(found, "inferq-dlq")
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]")
         return 2
 
     async def go() -> int:
-        publisher = KafkaPublisher(config)
         await publisher.start()
         try:
-            from inferq.sqs_wiring import claim_check
-
-            blobs = claim_check(settings)
+            blobs = claim_check(found)
             redriver = Redriver(
                 letters,
                 publisher,
-                settings.kafka_topic,
+                destination,
                 store,
                 load_payload=blobs.load_dead_letter if blobs else None,
             )
@@ -196,3 +235,48 @@ def _redrive(
         return 1 if report.failed else 0
 
     return asyncio.run(go())
+
+
+def _interactive() -> bool:
+    """Someone at a terminal can answer the confirmation."""
+    return sys.stdin.isatty()
+
+
+@app.command(cls=InferqCommand)
+def purge(
+    ctx: typer.Context,
+    model: Model = None,
+    code: Code = None,
+    since: Since = None,
+    until: Until = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="purge without a filter: every dead letter")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="don't ask for confirmation")] = False,
+) -> int:
+    """Delete dead-letter records (a filter, or --all; asks first unless --yes)."""
+    from dlq.store import DeadLetterFilter
+
+    console, err = _consoles()
+    f = _filter(model, code, since, until)
+    if f.empty and not everything:
+        err.print(
+            "[red]purge without a filter would delete every dead letter: "
+            "give --model/--code/--since/--until, or --all[/red]"
+        )
+        return 2
+    with _opened(settings(ctx)) as (_store, letters):
+        count = len(letters.ids(DeadLetterFilter(f.model, f.code, f.since, f.until, True)))
+        if count == 0:
+            console.print("no dead letters match; nothing purged")
+            return 0
+        if not yes:
+            if not _interactive():
+                err.print(f"[red]{count} dead letters would be purged; confirm with --yes[/red]")
+                return 2
+            answer = console.input(f"purge {count} dead letters? \\[y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                console.print("nothing purged")
+                return 1
+        console.print(f"purged {letters.purge(f)} dead letters")
+    return 0
