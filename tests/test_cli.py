@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.cli_helpers import seed_dead_letters
+
 
 def _inferq(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
@@ -69,26 +71,8 @@ def test_api_without_a_broker_says_what_to_set(tmp_path) -> None:
     assert "INFERQ_KAFKA_BOOTSTRAP" in result.stderr and "Traceback" not in result.stderr
 
 
-def _seed_dead_letters(data_dir) -> str:
-    from dlq.router import DeadLetter
-    from dlq.store import DeadLetterStore
-    from jobstore.store import JobStore
-    from transports.base import Delivery
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")
-    store.create_schema()
-    letters = DeadLetterStore(store.engine)
-    letters.create_schema()
-    d = Delivery(b"{}", None, {}, "inferq.jobs", "0@3")
-    entry = letters.add(DeadLetter(d, "inference_failed", "boom", "job-1", "minilm"))
-    letters.add(DeadLetter(d, "invalid_input", "bad", "job-2", "minilm"))
-    store.close()
-    return entry
-
-
 def test_dlq_cli_list_show_and_the_bad_inputs(tmp_path) -> None:
-    entry = _seed_dead_letters(tmp_path)
+    entry = seed_dead_letters(tmp_path)
     listed = _inferq("--data-dir", str(tmp_path), "dlq", "list", "--json")
     assert listed.returncode == 0
     assert {d["code"] for d in __import__("json").loads(listed.stdout)} == {
@@ -115,7 +99,7 @@ def test_dlq_cli_list_show_and_the_bad_inputs(tmp_path) -> None:
 
 
 def test_dlq_list_prints_whole_ids_on_a_narrow_terminal_and_names_its_store(tmp_path) -> None:
-    entry = _seed_dead_letters(tmp_path)
+    entry = seed_dead_letters(tmp_path)
     # the data dir after the subcommand, as people type it
     listed = _inferq("dlq", "list", "--data-dir", str(tmp_path), env={"COLUMNS": "60"})
     assert listed.returncode == 0, listed.stderr
@@ -152,3 +136,20 @@ def test_commands_find_the_bus_of_a_running_dev_on_the_same_data_dir(tmp_path) -
     # once dev is gone (a pid that does not run), the file is ignored
     devinfo.write(tmp_path, devinfo.DevInfo(pid=2**22 + 7, env=info.env, api="http://x"))
     assert devinfo.read(tmp_path) is None
+
+
+def test_bad_input_is_a_usage_error_naming_the_option_not_a_traceback(tmp_path) -> None:
+    for args, option in [
+        (["dlq", "list", "--limit", "lots"], "--limit"),
+        (["dlq", "list", "--since", "yesterday"], "--since"),
+        (["dev", "--transport", "carrier-pigeon"], "--transport"),
+        (["api", "--no-such-option"], "--no-such-option"),
+    ]:
+        r = _inferq("--data-dir", str(tmp_path), *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert option in r.stderr and "Usage: inferq" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    missing = _inferq()  # no command at all: the usage, and exit 2 as before
+    assert missing.returncode == 2 and "Usage: inferq" in missing.stdout + missing.stderr
+    shown = _inferq("--help")
+    assert shown.returncode == 0 and "dlq" in shown.stdout and "--data-dir" in shown.stdout
