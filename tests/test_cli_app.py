@@ -214,7 +214,12 @@ def test_dev_itself_ignores_dev_json(tmp_path: Path, monkeypatch: pytest.MonkeyP
         devinfo.DevInfo(pid=os.getpid(), env={"INFERQ_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, api="x"),
     )
     seen: list[Any] = []
-    monkeypatch.setattr("inferq.dev.run_dev", lambda s, o: seen.append((s, o)) or 0)
+
+    def run_dev(settings: Settings, options: Any) -> int:
+        seen.append((settings, options))
+        return 0
+
+    monkeypatch.setattr("inferq.dev.run_dev", run_dev)
     result = invoke("dev", "--data-dir", str(tmp_path), "--port", "8123", "--no-build")
     assert result.exit_code == 0, result.output
     ((settings, options),) = seen
