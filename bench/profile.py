@@ -25,7 +25,7 @@ PROJECT_PACKAGES = ("schemas", "producers", "workers", "jobstore", "dlq", "trans
 # more py-spy options, e.g. "--gil" (only the thread holding the GIL) or "--native"
 EXTRA_ARGS_ENV = "INFERQ_BENCH_PYSPY_ARGS"
 # entry points that every sample passes through: true, and no news
-_ENTRY_PREFIXES = ("inferq.__main__.", "inferq.cli.")
+_ENTRY_PREFIXES = ("inferq.__main__.", "inferq.cli.", "inferq.cli_base.")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 
 

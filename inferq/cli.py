@@ -14,9 +14,8 @@ from typing import Annotated
 
 import typer
 
-from inferq import dlq_cli, webhooks_cli
+from inferq import cli_bus, dlq_cli, webhooks_cli
 from inferq.cli_base import InferqCommand, InferqGroup, settings, verbose
-from inferq.settings import Settings
 
 log = logging.getLogger("inferq")
 
@@ -253,12 +252,10 @@ def models_list(ctx: typer.Context) -> int:
 @topics_app.command("create", cls=InferqCommand)
 def topics_create(ctx: typer.Context) -> int:
     """Create the jobs and dead-letter topics."""
-    from inferq.wiring import ConfigError
-
     found = settings(ctx)
     try:
-        _create_topics(found)
-    except ConfigError as exc:
+        cli_bus.create_topics(found)
+    except cli_bus.BusError as exc:
         print(f"inferq topics create: {exc}", file=sys.stderr)
         return 2
     print(
@@ -268,28 +265,13 @@ def topics_create(ctx: typer.Context) -> int:
     return 0
 
 
-def _create_topics(found: Settings) -> None:
-    """The one transport-specific call of the CLI (there is no wiring-level "prepare the bus"
-    yet): re-point it at that once the transports are packages."""
-    from inferq.wiring import kafka_config
-    from transports.kafka import ensure_topics
-
-    config = kafka_config(found, "inferq-admin")
-    asyncio.run(
-        ensure_topics(config, {found.kafka_topic: found.kafka_partitions, found.dlq_topic: 1})
-    )
-
-
 @queues_app.command("create", cls=InferqCommand)
 def queues_create(ctx: typer.Context) -> int:
     """Create the jobs queue and its dead-letter queue (with RedrivePolicy)."""
-    from inferq.sqs_wiring import prepare_queues
-    from transports.base import TransportError
-
     found = settings(ctx)
     try:
-        asyncio.run(prepare_queues(found, create=True))
-    except TransportError as exc:
+        cli_bus.create_queues(found)
+    except cli_bus.BusError as exc:
         print(f"inferq queues create: {exc}", file=sys.stderr)
         return 2
     print(

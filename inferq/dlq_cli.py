@@ -200,20 +200,18 @@ def _redrive(
     from rich.progress import Progress
 
     from dlq.redrive import Redriver
-    from inferq.sqs_wiring import claim_check
-    from inferq.wiring import ConfigError, job_publisher
+    from inferq import cli_bus
 
     try:
-        # the configured transport's publisher and jobs destination, as the API's redrive
-        publisher, destination, _structured = job_publisher(found, "inferq-dlq")
-    except ConfigError as exc:
+        publisher, destination = cli_bus.redrive_publisher(found)
+    except cli_bus.BusError as exc:
         err.print(f"[red]{exc}[/red]")
         return 2
 
     async def go() -> int:
         await publisher.start()
         try:
-            blobs = claim_check(found)
+            blobs = cli_bus.claim_check(found)
             redriver = Redriver(
                 letters,
                 publisher,

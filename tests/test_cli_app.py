@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from inferq import cli_base, devinfo, dlq_cli
+from inferq import cli_base, cli_bus, devinfo, dlq_cli
 from inferq.cli import app, main
 from inferq.settings import Settings
 from tests.cli_helpers import find, parse, seed_dead_letters, walk
@@ -187,11 +187,11 @@ def test_commands_use_the_bus_of_a_running_dev_and_redrive_onto_it(
     broker = MemoryBroker()
     used: list[Settings] = []
 
-    def job_publisher(settings: Settings, client_id: str) -> tuple[MemoryPublisher, str, bool]:
+    def redrive_publisher(settings: Settings) -> tuple[MemoryPublisher, str]:
         used.append(settings)
-        return MemoryPublisher(broker), "jobs-here", False
+        return MemoryPublisher(broker), "jobs-here"
 
-    monkeypatch.setattr("inferq.wiring.job_publisher", job_publisher)
+    monkeypatch.setattr(cli_bus, "redrive_publisher", redrive_publisher)
     result = invoke("dlq", "redrive", "--all", "--data-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert f"inferq dlq: using the bus of inferq dev (pid {os.getpid()})" in result.stderr
@@ -261,3 +261,12 @@ def test_redrive_needs_ids_a_filter_or_all(tmp_path: Path) -> None:
 def test_iso_time_accepts_what_the_readme_shows() -> None:
     assert cli_base.iso_time("2026-11-20T00:00").isoformat() == "2026-11-20T00:00:00"
     assert cli_base.iso_time("2026-11-20T00:00+00:00").tzinfo is not None
+
+
+def test_without_a_bus_redrive_and_topics_create_say_what_to_set(tmp_path: Path) -> None:
+    seed_dead_letters(tmp_path)
+    redriven = invoke("dlq", "redrive", "--all", "--data-dir", str(tmp_path))
+    assert redriven.exit_code == 2 and "INFERQ_KAFKA_BOOTSTRAP" in redriven.stderr
+    created = invoke("topics", "create", "--data-dir", str(tmp_path))
+    assert created.exit_code == 2
+    assert "inferq topics create: INFERQ_KAFKA_BOOTSTRAP is not set" in created.stderr
