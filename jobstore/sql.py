@@ -1,5 +1,5 @@
-"""The job store's SQL: engines per backend, the bulk statements, and the mapping between
-rows and records. The JobStore (store.py) decides what to do; this module says how."""
+"""The job store's SQL: engines per backend, the bulk inserts, and the mapping between rows
+and records. The JobStore (store.py) decides what to do; this module says how."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
-    Boolean,
     Connection,
     Engine,
     Insert,
-    Integer,
-    String,
-    Update,
     bindparam,
     column,
     create_engine,
@@ -27,7 +23,6 @@ from sqlalchemy import (
     func,
     literal,
     select,
-    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
@@ -40,7 +35,6 @@ from jobstore.errors import (
 from jobstore.records import (
     JobRecord,
     NewJob,
-    Outcome,
     content_hash,
     require_aware,
 )
@@ -55,7 +49,6 @@ CHUNK = 500
 BEGIN_OPTION = "inferq_sqlite_begin"
 
 _QUEUED = JobStatus.QUEUED.value
-_RUNNING = JobStatus.RUNNING.value
 
 JOBS = jobs_table()
 # The columns that a NewJob fills in; the rest of a new row starts out the same for all.
@@ -129,85 +122,6 @@ def postgres_engine(
     )
 
 
-def outcome_params(outcome: Outcome) -> dict[str, Any]:
-    failed = outcome.status == JobStatus.FAILED
-    return {
-        "id": outcome.job_id,
-        "attempt": outcome.attempt,
-        "status": outcome.status.value,
-        "result": outcome.result,
-        "error_code": outcome.error_code if failed else None,
-        "error_message": outcome.error_message if failed else None,
-        "retryable": outcome.retryable if failed else False,
-        "completed_at": outcome.completed_at,
-    }
-
-
-def completion_values(source: Any) -> dict[str, Any]:
-    """SET clause of a completion; ``source`` names the per-outcome values."""
-    return {
-        "status": source("status"),
-        "result": source("result"),
-        "error_code": source("error_code"),
-        "error_message": source("error_message"),
-        "error_retryable": source("retryable"),
-        "completed_at": source("completed_at"),
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-
-
-def complete_many_statement() -> Update:
-    """The guarded UPDATE run executemany-style, one parameter set an outcome (SQLite)."""
-    c = JOBS.c
-    types = {
-        "id": c.id.type,
-        "attempt": c.attempts.type,
-        "status": c.status.type,
-        "result": c.result.type,
-        "error_code": c.error_code.type,
-        "error_message": c.error_message.type,
-        "retryable": c.error_retryable.type,
-        "completed_at": c.completed_at.type,
-    }
-
-    def param(name: str) -> Any:
-        return bindparam(f"b_{name}", type_=types[name])
-
-    return (
-        update(JOBS)
-        .where(c.id == param("id"), c.status == _RUNNING, c.attempts == param("attempt"))
-        .values(**completion_values(param), updated_at=bindparam("b_now", type_=UTCDateTime()))
-    )
-
-
-def pg_complete_statement() -> Update:
-    """The guarded UPDATE joined to the batch, unpacked by jsonb_to_recordset (PostgreSQL)."""
-    c = JOBS.c
-    batch = (
-        func.jsonb_to_recordset(bindparam("batch", type_=postgresql.JSONB()))
-        .table_valued(
-            column("id", String()),
-            column("attempt", Integer()),
-            column("status", String()),
-            column("result", postgresql.JSONB()),
-            column("error_code", String()),
-            column("error_message", String()),
-            column("retryable", Boolean()),
-            column("completed_at", postgresql.TIMESTAMP(timezone=True)),
-        )
-        .render_derived(name="outcome", with_types=True)
-    )
-    return (
-        update(JOBS)
-        .where(c.id == batch.c.id, c.status == _RUNNING, c.attempts == batch.c.attempt)
-        .values(
-            **completion_values(lambda name: batch.c[name]),
-            updated_at=bindparam("now", type_=UTCDateTime()),
-        )
-    )
-
-
 def pg_ensure_statement() -> Insert:
     """INSERT ... SELECT from the batch as one JSON document, skipping conflicts (PostgreSQL).
 
@@ -237,8 +151,6 @@ def pg_ensure_statement() -> Insert:
 
 PG_ENSURE = pg_ensure_statement()
 SQLITE_ENSURE = sqlite.insert(JOBS).on_conflict_do_nothing().returning(JOBS.c.id)
-COMPLETE_MANY = complete_many_statement()
-PG_COMPLETE = pg_complete_statement()
 
 
 def insert_values(job: NewJob, now: datetime) -> dict[str, Any]:

@@ -1,8 +1,14 @@
-"""JobStore: job rows and their explicit, atomic state transitions (sync SQLAlchemy 2).
+"""JobStore: the façade over job rows, their state transitions and worker heartbeats.
 
 Every method runs in its own transaction on a pooled connection, so one store is shared by
-the API's threadpool and the workers' executors. A transition is a conditional UPDATE on the
-status it starts from: a row that moved on concurrently is reported, never overwritten.
+the API's threadpool and the workers' executors. A transition is a guarded UPDATE on the
+status it starts from (jobstore/transitions.py): a row that moved on concurrently is
+reported, never overwritten. The webhook outbox rows a transition calls for are written
+here, in the same transaction.
+
+The work is done on the open connection by: queries.py (reads), claims.py (claim and
+complete), requeue.py (retries and redrives), sweeps.py (expiry, lapsed leases, retention)
+and heartbeats.py (live workers).
 """
 
 from __future__ import annotations
@@ -11,27 +17,14 @@ import builtins
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    Select,
-    and_,
-    func,
-    inspect,
-    literal,
-    or_,
-    select,
-    tuple_,
-    update,
-)
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, func, inspect, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import SQLModel
 
+from jobstore import claims, heartbeats, queries, requeue, sweeps
 from jobstore.errors import (
     DuplicateJob,
     IllegalTransition,
@@ -39,7 +32,7 @@ from jobstore.errors import (
     JobStoreError,
     StoreUnavailable,
 )
-from jobstore.outbox import ATTEMPTS, DELIVERIES, enqueue_job_events
+from jobstore.outbox import enqueue_job_events
 from jobstore.records import (
     Binding,
     ClaimResult,
@@ -52,35 +45,29 @@ from jobstore.records import (
 )
 from jobstore.sql import (
     BEGIN_OPTION,
-    COMPLETE_MANY,
     JOBS,
     NEW_JOB_COLUMNS,
-    PG_COMPLETE,
     PG_ENSURE,
     SQLITE_ENSURE,
-    chunked,
-    decode_cursor,
-    encode_cursor,
     insert_values,
     jsonable,
-    outcome_params,
     postgres_engine,
     replay,
     row_record,
     sqlite_engine,
 )
-from jobstore.tables import UTCDateTime, workers_table
-from schemas.errors import ErrorCode
+from jobstore.transitions import (
+    ABANDON_UNPUBLISHED,
+    CANCEL,
+    FAIL_UNSTARTED,
+    failure,
+    move,
+    move_ids,
+)
 from schemas.jobs import JobStatus
 
-_MAX_PAGE = 1000
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SCHEMA_LOCK_KEY = 0x696E66657271  # "inferq": an arbitrary, fixed advisory lock id
-
-_QUEUED = JobStatus.QUEUED.value
-_RUNNING = JobStatus.RUNNING.value
-
-_WORKERS = workers_table()
 
 
 # Columns added after the first release: create_all creates missing tables, not columns.
@@ -94,25 +81,16 @@ def _add_missing_columns(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {JOBS.name} ADD COLUMN {name} {ddl}")
 
 
-def _conflict(
-    job_id: str, binding: Binding | None, bound_to: str | None, source: str | None
-) -> str | None:
-    """Why an event may not run under ``job_id``, or None when it may (or is unbound)."""
-    if binding is None or bound_to is None:
-        return None
-    if source is not None and binding.source != source:  # a row without one binds none
-        return f"job id {job_id!r} is already bound to a request from another source"
-    if bound_to not in binding.hashes:
-        return f"job id {job_id!r} is already bound to a request with other content"
-    return None
-
-
 def normalise_url(url: str) -> URL:
     """Accept ``postgresql://`` (and ``postgres://``) and pick the psycopg 3 driver for it."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
+
+
+def _now(now: datetime | None) -> datetime:
+    return utcnow() if now is None else require_aware(now, "now")
 
 
 class JobStore:
@@ -219,17 +197,11 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._begin(write=False) as conn:
-            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).mappings().first()
-        return None if row is None else row_record(row)
+            return queries.get(conn, job_id)
 
     def get_many(self, ids: Iterable[str]) -> dict[str, JobRecord]:
-        wanted = builtins.list(dict.fromkeys(ids))
-        found: dict[str, JobRecord] = {}
         with self._begin(write=False) as conn:
-            for chunk in chunked(wanted):
-                for row in conn.execute(select(JOBS).where(JOBS.c.id.in_(chunk))).mappings():
-                    found[row["id"]] = row_record(row)
-        return found
+            return queries.get_many(conn, ids)
 
     def list(
         self,
@@ -240,44 +212,26 @@ class JobStore:
         cursor: str | None = None,
     ) -> tuple[builtins.list[JobRecord], str | None]:
         """Newest first, by (created_at, id) descending; keyset pages with an opaque cursor."""
-        if not 1 <= limit <= _MAX_PAGE:
-            raise ValueError(f"limit must be within 1..{_MAX_PAGE}, got {limit}")
-        query = select(JOBS)
-        if status is not None:
-            query = query.where(JOBS.c.status == JobStatus(status).value)
-        if model is not None:
-            query = query.where(JOBS.c.model == model)
-        if cursor is not None:
-            created_at, last_id = decode_cursor(cursor)
-            query = query.where(
-                tuple_(JOBS.c.created_at, JOBS.c.id)
-                < tuple_(literal(created_at, UTCDateTime()), literal(last_id))
-            )
-        query = query.order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc()).limit(limit + 1)
+        query = queries.page_query(status=status, model=model, limit=limit, cursor=cursor)
         with self._begin(write=False) as conn:
-            records = [row_record(row) for row in conn.execute(query).mappings()]
-        if len(records) <= limit:
-            return records, None
-        page = records[:limit]
-        return page, encode_cursor(page[-1].created_at, page[-1].id)
+            return queries.read_page(conn, query, limit)
 
     def counts(self, *, model: str | None = None) -> dict[JobStatus, int]:
-        query = select(JOBS.c.status, func.count()).group_by(JOBS.c.status)
-        if model is not None:
-            query = query.where(JOBS.c.model == model)
-        totals = dict.fromkeys(JobStatus, 0)
         with self._begin(write=False) as conn:
-            for status, count in conn.execute(query):
-                totals[JobStatus(status)] = int(count)
-        return totals
+            return queries.counts(conn, model)
 
     def backlog(self) -> int:
         """Jobs accepted and not finished: queued plus running."""
-        query = select(func.count()).where(JOBS.c.status.in_([_QUEUED, _RUNNING]))
         with self._begin(write=False) as conn:
-            return int(conn.scalar(query) or 0)
+            return queries.backlog(conn)
 
-    # --- transitions ----------------------------------------------------------------------
+    def queue_stats(self, *, now: datetime | None = None) -> dict[str, dict[str, float]]:
+        """Per model: queued, running, and the age in seconds of the oldest queued job."""
+        now = _now(now)
+        with self._begin(write=False) as conn:
+            return queries.queue_stats(conn, now)
+
+    # --- the worker's transitions ---------------------------------------------------------
 
     def claim(
         self,
@@ -299,92 +253,27 @@ class JobStore:
         """
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
-        now = utcnow() if now is None else require_aware(now, "now")
+        now = _now(now)
         wanted = builtins.list(dict.fromkeys(ids))
         # the pump's re-publish of a due retry: its row's not-before is the pump's hold
         due_ids = set(due)
         if not wanted:
             return ClaimResult(claimed=[], skipped={}, missing=[])
-        skipped: dict[str, JobStatus] = {}
-        to_expire: builtins.list[str] = []
-        to_run: builtins.list[str] = []
-        claimed: dict[str, JobRecord] = {}
-        conflicts: dict[str, str] = {}
-        bindings = bindings or {}
         with self._begin(write=True) as conn:
-            states = self._lock(
+            result, expired = claims.claim(
                 conn,
+                self._backend,
                 wanted,
-                JOBS.c.status,
-                JOBS.c.expires_at,
-                JOBS.c.retry_at,
-                JOBS.c.content_hash,
-                JOBS.c.source,
+                worker_id=worker_id,
+                lease_until=now + timedelta(seconds=lease_s),
+                now=now,
+                due_ids=due_ids,
+                bindings=bindings or {},
             )
-            for job_id in wanted:
-                if job_id not in states:
-                    continue
-                status, expires_at, retry_at, bound_to, source = states[job_id]
-                conflict = _conflict(job_id, bindings.get(job_id), bound_to, source)
-                if conflict is not None:
-                    conflicts[job_id] = conflict
-                elif status == _QUEUED and expires_at is not None and expires_at < now:
-                    to_expire.append(job_id)
-                elif (
-                    status == _QUEUED
-                    and retry_at is not None
-                    and retry_at > now
-                    and job_id not in due_ids
-                ):
-                    # a stale copy of a job waiting out its backoff: the retry pump owns it
-                    skipped[job_id] = JobStatus.QUEUED
-                elif status in (_QUEUED, _RUNNING):
-                    to_run.append(job_id)
-                else:
-                    skipped[job_id] = JobStatus(status)
-            for chunk in chunked(to_expire):
-                expired = conn.execute(
-                    update(JOBS)
-                    .where(JOBS.c.id.in_(chunk), JOBS.c.status == _QUEUED)
-                    .values(
-                        status=JobStatus.EXPIRED.value,
-                        completed_at=now,
-                        error_code=ErrorCode.JOB_EXPIRED.value,
-                        error_message="the job was not started before it expired",
-                        error_retryable=False,
-                        updated_at=now,
-                    )
-                    .returning(JOBS)
-                ).mappings()
-                expired_records = [row_record(row) for row in expired]
-                skipped.update(dict.fromkeys((r.id for r in expired_records), JobStatus.EXPIRED))
-                enqueue_job_events(conn, expired_records, self._backend, now)
-            lease_until = now + timedelta(seconds=lease_s)
-            for chunk in chunked(to_run):
-                rows = conn.execute(
-                    update(JOBS)
-                    .where(JOBS.c.id.in_(chunk), JOBS.c.status.in_([_QUEUED, _RUNNING]))
-                    .values(
-                        status=_RUNNING,
-                        retry_at=None,
-                        attempts=JOBS.c.attempts + 1,
-                        started_at=func.coalesce(JOBS.c.started_at, literal(now, UTCDateTime())),
-                        lease_owner=worker_id,
-                        lease_expires_at=lease_until,
-                        updated_at=now,
-                    )
-                    .returning(JOBS)
-                ).mappings()
-                records = [row_record(row) for row in rows]
-                claimed.update((r.id, r) for r in records)
-                # job.started, for the jobs that asked for it (once per job)
-                enqueue_job_events(conn, records, self._backend, now)
-        return ClaimResult(
-            claimed=[claimed[job_id] for job_id in wanted if job_id in claimed],
-            skipped=skipped,
-            missing=[job_id for job_id in wanted if job_id not in states],
-            conflicts=conflicts,
-        )
+            enqueue_job_events(conn, expired, self._backend, now)
+            # job.started, for the jobs that asked for it (once per job)
+            enqueue_job_events(conn, result.claimed, self._backend, now)
+        return result
 
     def complete(
         self, outcomes: Sequence[Outcome], retries: Sequence[Reschedule] = ()
@@ -396,164 +285,14 @@ class JobStore:
         """
         if not outcomes and not retries:
             return []
-        applied: dict[str, Outcome] = {}
         with self._begin(write=True) as conn:
-            rescheduled = self._reschedule(conn, retries)
-            if not outcomes:
-                return rescheduled
-            # The rows are locked (FOR UPDATE / SQLite's write lock) from this read until the
-            # commit, so the decision below is exactly what the guarded UPDATE will do.
-            states = self._lock(
-                conn,
-                [o.job_id for o in outcomes],
-                JOBS.c.status,
-                JOBS.c.attempts,
-                JOBS.c.webhook,
-            )
-            for outcome in outcomes:
-                state = states.get(outcome.job_id)
-                if state is None or outcome.job_id in applied:
-                    continue
-                status, attempts, _webhook = state
-                if status == _RUNNING and attempts == outcome.attempt:
-                    applied[outcome.job_id] = outcome
-            if applied:
-                now = utcnow()
-                self._apply_outcomes(conn, builtins.list(applied.values()), now)
+            rescheduled = requeue.reschedule(conn, retries)
+            now = utcnow()
+            applied, hooked = claims.finish(conn, self._backend, outcomes, now)
+            if hooked:
                 # the webhook outbox rows commit with the outcomes, or not at all
-                hooked = [i for i in applied if states[i][2]]
-                if hooked:
-                    enqueue_job_events(conn, self._read(conn, hooked), self._backend, now)
-        return builtins.list(applied) + rescheduled
-
-    def _reschedule(self, conn: Connection, retries: Sequence[Reschedule]) -> builtins.list[str]:
-        done = []
-        now = utcnow()
-        for r in retries:
-            result = conn.execute(
-                update(JOBS)
-                .where(
-                    JOBS.c.id == r.job_id,
-                    JOBS.c.status == _RUNNING,
-                    JOBS.c.attempts == r.attempt,
-                )
-                .values(
-                    status=_QUEUED,
-                    retry_at=r.retry_at,
-                    error_code=r.error_code,
-                    error_message=r.error_message,
-                    error_retryable=True,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-            )
-            if result.rowcount == 1:
-                done.append(r.job_id)
-        return done
-
-    def due_retries(
-        self, *, limit: int = 500, hold_s: float = 30.0, now: datetime | None = None
-    ) -> builtins.list[JobRecord]:
-        """Take the retries that are due, for re-publishing.
-
-        Their not-before moves ``hold_s`` ahead in the same statement, so concurrent pumps
-        never take the same job, and one that crashes before publishing is retried later.
-        """
-        now = utcnow() if now is None else require_aware(now, "now")
-        with self._begin(write=True) as conn:
-            ids = builtins.list(
-                conn.scalars(
-                    select(JOBS.c.id)
-                    .where(JOBS.c.status == _QUEUED, JOBS.c.retry_at <= now)
-                    .order_by(JOBS.c.retry_at)
-                    .limit(limit)
-                )
-            )
-            if not ids:
-                return []
-            rows = conn.execute(
-                update(JOBS)
-                .where(JOBS.c.id.in_(ids), JOBS.c.status == _QUEUED, JOBS.c.retry_at <= now)
-                .values(retry_at=now + timedelta(seconds=hold_s), updated_at=now)
-                .returning(JOBS)
-            ).mappings()
-            return [row_record(row) for row in rows]
-
-    def retries_published(self, ids: Sequence[str]) -> None:
-        """The pump published these retries: they now wait on the bus like new jobs."""
-        now = utcnow()
-        with self._begin(write=True) as conn:
-            for chunk in chunked(builtins.list(ids)):
-                conn.execute(
-                    update(JOBS)
-                    .where(JOBS.c.id.in_(chunk), JOBS.c.status == _QUEUED)
-                    .values(retry_at=None, updated_at=now)
-                )
-
-    def requeue_failed(self, ids: Sequence[str]) -> builtins.list[JobRecord]:
-        """failed -> queued for a redrive; attempts are kept, the result and error cleared."""
-        now = utcnow()
-        out: builtins.list[JobRecord] = []
-        with self._begin(write=True) as conn:
-            for chunk in chunked(builtins.list(dict.fromkeys(ids))):
-                rows = conn.execute(
-                    update(JOBS)
-                    .where(JOBS.c.id.in_(chunk), JOBS.c.status == JobStatus.FAILED.value)
-                    .values(
-                        status=_QUEUED,
-                        result=None,
-                        error_code=None,
-                        error_message=None,
-                        error_retryable=False,
-                        completed_at=None,
-                        retry_at=None,
-                        updated_at=now,
-                    )
-                    .returning(JOBS)
-                ).mappings()
-                out.extend(row_record(row) for row in rows)
-        return out
-
-    def restore_failed(self, job_id: str, code: str, message: str) -> bool:
-        """Undo ``requeue_failed`` for a redrive whose publish failed: queued -> failed again.
-
-        No job events: the job already announced its failure, and nothing ran since.
-        """
-        now = utcnow()
-        with self._begin(write=True) as conn:
-            result = conn.execute(
-                update(JOBS)
-                .where(JOBS.c.id == job_id, JOBS.c.status == _QUEUED)
-                .values(
-                    status=JobStatus.FAILED.value,
-                    error_code=code,
-                    error_message=message,
-                    error_retryable=False,
-                    completed_at=now,
-                    updated_at=now,
-                )
-            )
-        return result.rowcount == 1
-
-    def queue_stats(self, *, now: datetime | None = None) -> dict[str, dict[str, float]]:
-        """Per model: queued, running, and the age in seconds of the oldest queued job."""
-        now = utcnow() if now is None else require_aware(now, "now")
-        query = (
-            select(JOBS.c.model, JOBS.c.status, func.count(), func.min(JOBS.c.created_at))
-            .where(JOBS.c.status.in_([_QUEUED, _RUNNING]))
-            .group_by(JOBS.c.model, JOBS.c.status)
-        )
-        stats: dict[str, dict[str, float]] = {}
-        with self._begin(write=False) as conn:
-            for model, status, count, oldest in conn.execute(query):
-                entry = stats.setdefault(model, {"queued": 0, "running": 0, "oldest_queued_s": 0})
-                entry[status] = int(count)
-                if status == _QUEUED and oldest is not None:
-                    if oldest.tzinfo is None:
-                        oldest = oldest.replace(tzinfo=UTC)
-                    entry["oldest_queued_s"] = max((now - oldest).total_seconds(), 0.0)
-        return stats
+                enqueue_job_events(conn, hooked, self._backend, now)
+        return applied + rescheduled
 
     def fail_unstarted(
         self, job_id: str, code: str, message: str, binding: Binding | None = None
@@ -563,59 +302,59 @@ class JobStore:
         With ``binding``, only a row that is unbound or bound to that request is failed.
         """
         now = utcnow()
-        where = [JOBS.c.id == job_id, JOBS.c.status.in_([_QUEUED, _RUNNING])]
-        if binding is not None:
-            where.append(
-                or_(
-                    JOBS.c.content_hash.is_(None),
-                    and_(
-                        JOBS.c.content_hash.in_(sorted(binding.hashes)),
-                        or_(JOBS.c.source.is_(None), JOBS.c.source == binding.source),
-                    ),
-                )
-            )
+        where = [] if binding is None else [claims.bound_to(binding)]
+        values = failure(code, message, now, retryable=False)
+        values |= {"lease_owner": None, "lease_expires_at": None}
         with self._begin(write=True) as conn:
-            row = (
-                conn.execute(
-                    update(JOBS)
-                    .where(*where)
-                    .values(
-                        status=JobStatus.FAILED.value,
-                        error_code=code,
-                        error_message=message,
-                        error_retryable=False,
-                        completed_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        updated_at=now,
-                    )
-                    .returning(JOBS)
-                )
-                .mappings()
-                .first()
-            )
-            if row is not None:
-                enqueue_job_events(conn, [row_record(row)], self._backend, now)
-        return row is not None
+            failed = move(conn, FAIL_UNSTARTED, [job_id], values, *where)
+            enqueue_job_events(conn, failed, self._backend, now)
+        return bool(failed)
+
+    # --- retries (the pump) and redrives (the dead-letter queue) --------------------------
+
+    def due_retries(
+        self, *, limit: int = 500, hold_s: float = 30.0, now: datetime | None = None
+    ) -> builtins.list[JobRecord]:
+        """Take the retries that are due, for re-publishing.
+
+        Their not-before moves ``hold_s`` ahead in the same statement, so concurrent pumps
+        never take the same job, and one that crashes before publishing is retried later.
+        """
+        now = _now(now)
+        with self._begin(write=True) as conn:
+            return requeue.take_due(conn, now, limit, hold_s)
+
+    def retries_published(self, ids: Sequence[str]) -> None:
+        """The pump published these retries: they now wait on the bus like new jobs."""
+        now = utcnow()
+        with self._begin(write=True) as conn:
+            requeue.published(conn, ids, now)
+
+    def requeue_failed(self, ids: Sequence[str]) -> builtins.list[JobRecord]:
+        """failed -> queued for a redrive; attempts are kept, the result and error cleared."""
+        now = utcnow()
+        with self._begin(write=True) as conn:
+            return requeue.redrive(conn, ids, now)
+
+    def restore_failed(self, job_id: str, code: str, message: str) -> bool:
+        """Undo ``requeue_failed`` for a redrive whose publish failed: queued -> failed again.
+
+        No job events: the job already announced its failure, and nothing ran since.
+        """
+        now = utcnow()
+        with self._begin(write=True) as conn:
+            return requeue.restore_failed(conn, job_id, code, message, now)
+
+    # --- the API's transitions ------------------------------------------------------------
 
     def cancel(self, job_id: str) -> JobRecord:
         """queued -> cancelled. Anything else raises IllegalTransition, unknown ids JobNotFound."""
         now = utcnow()
         with self._begin(write=True) as conn:
-            row = (
-                conn.execute(
-                    update(JOBS)
-                    .where(JOBS.c.id == job_id, JOBS.c.status == _QUEUED)
-                    .values(status=JobStatus.CANCELLED.value, completed_at=now, updated_at=now)
-                    .returning(JOBS)
-                )
-                .mappings()
-                .first()
-            )
-            if row is not None:
-                record = row_record(row)
-                enqueue_job_events(conn, [record], self._backend, now)
-                return record
+            cancelled = move(conn, CANCEL, [job_id], {"completed_at": now, "updated_at": now})
+            if cancelled:
+                enqueue_job_events(conn, cancelled, self._backend, now)
+                return cancelled[0]
             current = conn.scalar(select(JOBS.c.status).where(JOBS.c.id == job_id))
         if current is None:
             raise JobNotFound(job_id)
@@ -623,12 +362,10 @@ class JobStore:
 
     def delete_unpublished(self, job_id: str) -> bool:
         """Remove a queued, never-attempted job whose publish failed; False if it moved on."""
+        # a removal, not a move: the rows it takes are those abandon_unpublished would fail
+        unpublished = (ABANDON_UNPUBLISHED.guard(), JOBS.c.attempts == 0)
         with self._begin(write=True) as conn:
-            result = conn.execute(
-                JOBS.delete().where(
-                    JOBS.c.id == job_id, JOBS.c.status == _QUEUED, JOBS.c.attempts == 0
-                )
-            )
+            result = conn.execute(JOBS.delete().where(JOBS.c.id == job_id, *unpublished))
         return result.rowcount == 1
 
     def abandon_unpublished(self, job_id: str, code: str, message: str) -> bool:
@@ -637,22 +374,10 @@ class JobStore:
         The row stays (a late copy of the message then finds it terminal and does not run),
         and its idempotency key is released so the client's retry creates a fresh job.
         """
-        now = utcnow()
+        values = failure(code, message, utcnow(), retryable=True) | {"idempotency_key": None}
         with self._begin(write=True) as conn:
-            result = conn.execute(
-                update(JOBS)
-                .where(JOBS.c.id == job_id, JOBS.c.status == _QUEUED, JOBS.c.attempts == 0)
-                .values(
-                    status=JobStatus.FAILED.value,
-                    error_code=code,
-                    error_message=message,
-                    error_retryable=True,
-                    completed_at=now,
-                    idempotency_key=None,
-                    updated_at=now,
-                )
-            )
-        return result.rowcount == 1
+            moved = move_ids(conn, ABANDON_UNPUBLISHED, [job_id], values, JOBS.c.attempts == 0)
+        return bool(moved)
 
     # --- sweeps (run by the control plane) ----------------------------------------------
 
@@ -660,31 +385,9 @@ class JobStore:
         self, *, now: datetime | None = None, limit: int = 1000
     ) -> builtins.list[str]:
         """queued jobs past ``expires_at`` -> expired (with their webhooks); their ids."""
-        now = utcnow() if now is None else require_aware(now, "now")
+        now = _now(now)
         with self._begin(write=True) as conn:
-            ids = builtins.list(
-                conn.scalars(
-                    select(JOBS.c.id)
-                    .where(JOBS.c.status == _QUEUED, JOBS.c.expires_at < now)
-                    .limit(limit)
-                )
-            )
-            if not ids:
-                return []
-            rows = conn.execute(
-                update(JOBS)
-                .where(JOBS.c.id.in_(ids), JOBS.c.status == _QUEUED, JOBS.c.expires_at < now)
-                .values(
-                    status=JobStatus.EXPIRED.value,
-                    completed_at=now,
-                    error_code=ErrorCode.JOB_EXPIRED.value,
-                    error_message="the job was not started before it expired",
-                    error_retryable=False,
-                    updated_at=now,
-                )
-                .returning(JOBS)
-            ).mappings()
-            records = [row_record(row) for row in rows]
+            records = sweeps.expire_overdue(conn, now, limit)
             enqueue_job_events(conn, records, self._backend, now)
         return [r.id for r in records]
 
@@ -692,85 +395,31 @@ class JobStore:
         self, *, now: datetime | None = None, limit: int = 500
     ) -> builtins.list[JobRecord]:
         """Running jobs whose lease ran out: their worker died or hangs."""
-        now = utcnow() if now is None else require_aware(now, "now")
-        query = (
-            select(JOBS)
-            .where(JOBS.c.status == _RUNNING, JOBS.c.lease_expires_at < now)
-            .order_by(JOBS.c.lease_expires_at)
-            .limit(limit)
-        )
+        now = _now(now)
         with self._begin(write=False) as conn:
-            return [row_record(row) for row in conn.execute(query).mappings()]
+            return queries.stale_running(conn, now, limit)
 
     def requeue_stale(self, job_id: str, attempt: int, *, now: datetime | None = None) -> bool:
         """running -> queued, only while it is still the same lapsed attempt."""
-        now = utcnow() if now is None else require_aware(now, "now")
+        now = _now(now)
         with self._begin(write=True) as conn:
-            result = conn.execute(
-                update(JOBS)
-                .where(
-                    JOBS.c.id == job_id,
-                    JOBS.c.status == _RUNNING,
-                    JOBS.c.attempts == attempt,
-                    JOBS.c.lease_expires_at < now,
-                )
-                .values(status=_QUEUED, lease_owner=None, lease_expires_at=None, updated_at=now)
-            )
-        return result.rowcount == 1
+            return sweeps.requeue_stale(conn, job_id, attempt, now)
 
     def fail_stale(
         self, job_id: str, attempt: int, message: str, *, now: datetime | None = None
     ) -> bool:
         """running -> failed (lease_expired) after the attempt limit, same guard as above."""
-        now = utcnow() if now is None else require_aware(now, "now")
+        now = _now(now)
         with self._begin(write=True) as conn:
-            row = (
-                conn.execute(
-                    update(JOBS)
-                    .where(
-                        JOBS.c.id == job_id,
-                        JOBS.c.status == _RUNNING,
-                        JOBS.c.attempts == attempt,
-                        JOBS.c.lease_expires_at < now,
-                    )
-                    .values(
-                        status=JobStatus.FAILED.value,
-                        error_code=ErrorCode.LEASE_EXPIRED.value,
-                        error_message=message,
-                        error_retryable=False,
-                        completed_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        updated_at=now,
-                    )
-                    .returning(JOBS)
-                )
-                .mappings()
-                .first()
-            )
-            if row is not None:
-                enqueue_job_events(conn, [row_record(row)], self._backend, now)
-        return row is not None
+            failed = sweeps.fail_stale(conn, job_id, attempt, message, now)
+            enqueue_job_events(conn, failed, self._backend, now)
+        return bool(failed)
 
     def purge_finished(self, *, before: datetime, limit: int = 1000) -> int:
         """Delete terminal jobs completed before ``before``, with their webhook rows."""
         before = require_aware(before, "before")
-        terminal = [s.value for s in JobStatus if s.terminal]
         with self._begin(write=True) as conn:
-            ids = builtins.list(
-                conn.scalars(
-                    select(JOBS.c.id)
-                    .where(JOBS.c.status.in_(terminal), JOBS.c.completed_at < before)
-                    .limit(limit)
-                )
-            )
-            if not ids:
-                return 0
-            deliveries = select(DELIVERIES.c.id).where(DELIVERIES.c.job_id.in_(ids))
-            conn.execute(ATTEMPTS.delete().where(ATTEMPTS.c.delivery_id.in_(deliveries)))
-            conn.execute(DELIVERIES.delete().where(DELIVERIES.c.job_id.in_(ids)))
-            conn.execute(JOBS.delete().where(JOBS.c.id.in_(ids)))
-        return len(ids)
+            return sweeps.purge_finished(conn, before, limit)
 
     # --- workers --------------------------------------------------------------------------
 
@@ -778,45 +427,25 @@ class JobStore:
         self, worker_id: str, models: Sequence[Mapping[str, str]], *, now: datetime | None = None
     ) -> None:
         """Record that ``worker_id`` is alive and serves ``models`` ({name, version, provider})."""
-        now = utcnow() if now is None else require_aware(now, "now")
-        served = [dict(m) for m in models]
-        insert = postgresql.insert if self._backend == "postgresql" else sqlite.insert
-        stmt = insert(_WORKERS).values(worker_id=worker_id, models=served, heartbeat_at=now)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[_WORKERS.c.worker_id],
-            set_={"models": stmt.excluded.models, "heartbeat_at": stmt.excluded.heartbeat_at},
-        )
+        now = _now(now)
         with self._begin(write=True) as conn:
-            conn.execute(stmt)
+            heartbeats.beat(conn, self._backend, worker_id, models, now)
 
     def live_workers(
         self, *, max_age_s: float = 30.0, now: datetime | None = None
     ) -> dict[str, builtins.list[dict[str, str]]]:
         """worker id -> the models it reported, for workers with a fresh heartbeat."""
-        now = utcnow() if now is None else require_aware(now, "now")
-        since = now - timedelta(seconds=max_age_s)
-        query = select(_WORKERS.c.worker_id, _WORKERS.c.models).where(
-            _WORKERS.c.heartbeat_at >= since
-        )
+        since = _now(now) - timedelta(seconds=max_age_s)
         with self._begin(write=False) as conn:
-            return {wid: builtins.list(models or []) for wid, models in conn.execute(query)}
+            return heartbeats.live_workers(conn, since)
 
     def providers(
         self, *, max_age_s: float = 30.0, now: datetime | None = None
     ) -> dict[tuple[str, str], set[str]]:
         """(model, version) -> execution providers, from heartbeats fresher than max_age_s."""
-        now = utcnow() if now is None else require_aware(now, "now")
-        since = now - timedelta(seconds=max_age_s)
-        query = select(_WORKERS.c.models).where(_WORKERS.c.heartbeat_at >= since)
-        served: dict[tuple[str, str], set[str]] = {}
+        since = _now(now) - timedelta(seconds=max_age_s)
         with self._begin(write=False) as conn:
-            for models in conn.scalars(query):
-                for entry in models or []:
-                    name, version = entry.get("name"), entry.get("version")
-                    provider = entry.get("provider")
-                    if name and version and provider:
-                        served.setdefault((name, version), set()).add(provider)
-        return served
+            return heartbeats.providers(conn, since)
 
     # --- internals ------------------------------------------------------------------------
 
@@ -829,50 +458,9 @@ class JobStore:
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(f"job store unavailable: {exc.orig or exc}") from exc
 
-    def _lock(
-        self, conn: Connection, ids: Iterable[str], *columns: Any
-    ) -> dict[str, tuple[Any, ...]]:
-        """Read (and on PostgreSQL row-lock) the given columns of the batch, keyed by id."""
-        states: dict[str, tuple[Any, ...]] = {}
-        # Sorted: concurrent batches lock overlapping rows in one global order (no deadlock).
-        for chunk in chunked(sorted(set(ids))):
-            query: Select[Any] = (
-                select(JOBS.c.id, *columns).where(JOBS.c.id.in_(chunk)).order_by(JOBS.c.id)
-            )
-            if self._backend == "postgresql":
-                query = query.with_for_update()
-            for row in conn.execute(query):
-                states[row[0]] = tuple(row[1:])
-        return states
-
-    def _read(self, conn: Connection, ids: Sequence[str]) -> builtins.list[JobRecord]:
-        records: builtins.list[JobRecord] = []
-        for chunk in chunked(ids):
-            rows = conn.execute(select(JOBS).where(JOBS.c.id.in_(chunk))).mappings()
-            records.extend(row_record(row) for row in rows)
-        return records
-
-    def _apply_outcomes(self, conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> None:
-        if self._backend == "postgresql":
-            # One statement over a JSON batch: executemany costs a server round of parse,
-            # bind and execute per row (~0.1 ms each), ten times slower at 1,000 outcomes.
-            batch = [outcome_params(o) for o in outcomes]
-            for item in batch:
-                item["completed_at"] = item["completed_at"].isoformat()
-            conn.execute(PG_COMPLETE, {"batch": batch, "now": now})
-        else:
-            conn.execute(
-                COMPLETE_MANY,
-                [
-                    {f"b_{k}": v for k, v in outcome_params(o).items()} | {"b_now": now}
-                    for o in outcomes
-                ],
-            )
-
     def _get_by_key(self, key: str) -> JobRecord | None:
         with self._begin(write=False) as conn:
-            row = conn.execute(select(JOBS).where(JOBS.c.idempotency_key == key)).mappings().first()
-        return None if row is None else row_record(row)
+            return queries.by_key(conn, key)
 
     def _after_conflict(self, job: NewJob, exc: IntegrityError) -> JobRecord:
         if job.idempotency_key is not None:
