@@ -1,4 +1,4 @@
-"""The worker's side of a job: claim a batch, then store its outcomes and retries.
+"""The worker's side of a job: claim a batch, then store its outcomes (retries: requeue.py).
 
 Each function runs in the caller's transaction (the façade, store.py, opens it and adds the
 webhook rows). It reads the batch under a lock, decides per job with the same transition
