@@ -480,6 +480,45 @@ class JobStore:
             ).mappings()
             return [row_record(row) for row in rows]
 
+    def stranded(
+        self,
+        *,
+        idle_s: float,
+        limit: int = 500,
+        hold_s: float = 30.0,
+        take: bool = True,
+        now: datetime | None = None,
+    ) -> builtins.list[JobRecord]:
+        """Queued jobs that nothing has touched for ``idle_s``: no retry waiting, no claim.
+
+        With ``take`` their not-before moves ``hold_s`` ahead in the same statement, as
+        ``due_retries`` does (concurrent callers never take the same job; one that crashes
+        before publishing leaves a due retry behind). ``take=False`` only looks (up to
+        ``limit`` rows, unchanged), for a caller that checks something else first.
+        """
+        now = utcnow() if now is None else require_aware(now, "now")
+        idle_since = now - timedelta(seconds=idle_s)
+        stuck = (
+            JOBS.c.status == _QUEUED,
+            JOBS.c.retry_at.is_(None),
+            JOBS.c.updated_at < idle_since,
+        )
+        with self._begin(write=take) as conn:
+            ids = builtins.list(
+                conn.scalars(
+                    select(JOBS.c.id).where(*stuck).order_by(JOBS.c.updated_at).limit(limit)
+                )
+            )
+            if not ids or not take:
+                return self._read(conn, ids)
+            rows = conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id.in_(ids), *stuck)
+                .values(retry_at=now + timedelta(seconds=hold_s), updated_at=now)
+                .returning(JOBS)
+            ).mappings()
+            return [row_record(row) for row in rows]
+
     def retries_published(self, ids: Sequence[str]) -> None:
         """The pump published these retries: they now wait on the bus like new jobs."""
         now = utcnow()
