@@ -605,6 +605,8 @@ async def private_broker(tmp_path: Path) -> AsyncIterator[EmbeddedKafka]:
 
 @pytest.mark.kafka
 @pytest.mark.slow
+# a broker restart, 60 s for the new messages, 30 s to settle, 30 s for the sentinel
+@pytest.mark.timeout(200)
 async def test_kafka_clients_survive_a_broker_restart_without_redelivering_commits(
     private_broker: EmbeddedKafka,
 ) -> None:

@@ -554,7 +554,6 @@ def test_the_receiver_runs_as_a_command_and_prints_each_verified_delivery(
     import sys
 
     secret_file = tmp_path / "webhook_secret"
-    secret_file.write_text(SECRET + "\n")  # as inferq writes it: with a newline
     command = [sys.executable, "-m", "webhooks.receiver", "--port", "0"]
     proc = subprocess.Popen(
         [*command, "--secret-file", str(secret_file)],
@@ -564,6 +563,12 @@ def test_the_receiver_runs_as_a_command_and_prints_each_verified_delivery(
     )
     try:
         assert proc.stdout is not None
+        # started before inferq wrote its secret: it waits for the file
+        assert (
+            proc.stdout.readline()
+            == f"waiting for {secret_file} (inferq writes it when it first starts)\n"
+        )
+        secret_file.write_text(SECRET + "\n")  # as inferq writes it: with a newline
         first = proc.stdout.readline()
         found = re.search(r"receiving webhooks at (http://127\.0\.0\.1:\d+/hook)", first)
         assert found, first + proc.stdout.read()
@@ -595,7 +600,7 @@ def test_the_receiver_command_says_why_it_cannot_start(
     from webhooks.receiver import main
 
     with pytest.raises(SystemExit) as missing:
-        main(["--secret-file", str(tmp_path / "webhook_secret")])
+        main(["--secret-file", str(tmp_path / "webhook_secret"), "--wait-for-secret", "0"])
     assert missing.value.code == 2
     assert "inferq writes it there when it first starts" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad:

@@ -218,7 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         help="a file holding the secret, e.g. the one inferq generates: .inferq/webhook_secret",
     )
     parser.add_argument("--mode", choices=MODES, default="ok", help="misbehave on purpose")
+    parser.add_argument(
+        "--wait-for-secret",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for --secret-file to appear (default 30)",
+    )
     args = parser.parse_args(argv)
+    if args.secret_file is not None and not args.secret_file.exists():
+        print(f"waiting for {args.secret_file} (inferq writes it when it first starts)", flush=True)
+        deadline = time.monotonic() + args.wait_for_secret
+        while not args.secret_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
     try:
         value = args.secret if args.secret else args.secret_file.read_text()
         parse_secrets(value)
