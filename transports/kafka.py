@@ -562,6 +562,7 @@ class KafkaConsumer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            resumed = False
             if self._resume_at is not None:
                 # still backing off from an earlier empty window, perhaps of an earlier call
                 wait = min(self._resume_at, deadline) - loop.time()
@@ -570,7 +571,14 @@ class KafkaConsumer:
                 if self._resume_at is not None and loop.time() < self._resume_at:
                     return {}
                 self._resume(consumer)
+                resumed = True
             window = min(c.idle_window_ms / 1000, max(deadline - loop.time(), 0))
+            if resumed:
+                # a resume must be followed by a real window, even past the caller's deadline:
+                # a caller whose timeout equals the pause resumes right at its deadline, and a
+                # 0 ms window paused the partitions again before aiokafka sent any fetch, so
+                # the consumer never fetched again (tests/test_kafka_idle.py)
+                window = max(window, c.idle_window_ms / 1000, 0.001)
             batches = await consumer.getmany(timeout_ms=int(window * 1000), max_records=max_records)
             now = loop.time()
             if any(batches.values()):
