@@ -121,13 +121,16 @@ class _RateLimitedLog:
 
 
 def _allowed(request: Request) -> list[str]:
-    """Every method some route of the app answers on this path, an included router's too."""
-    methods: set[str] = set()
+    """Every method this path answers, an included router's routes too. As in OpenAPI,
+    concrete paths come before templated ones: ``/v1/dlq/redrive`` is the redrive, not the
+    dead letter ``redrive`` of ``/v1/dlq/{entry_id}``."""
+    by_params: dict[int, set[str]] = {}
     for route in _flat_routes(request.app.router.routes):
-        match, _ = route.matches({**request.scope, "method": "\x00"})
+        match, child = route.matches({**request.scope, "method": "\x00", "path_params": {}})
         if match is not Match.NONE:
+            methods = by_params.setdefault(len(child.get("path_params", {})), set())
             methods.update(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    return sorted(by_params[min(by_params)]) if by_params else []
 
 
 def _flat_routes(routes: Sequence[BaseRoute]) -> Iterable[Any]:

@@ -370,6 +370,9 @@ async def test_405_allows_every_method_of_the_path(api: Api) -> None:
     # routes of an included router too (FastAPI keeps one as a single route over its own)
     r = await api.client.get("/v1/webhooks/endpoints/enable")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+    # a concrete path before a templated one: not also GET of /v1/dlq/{entry_id}
+    r = await api.client.put("/v1/dlq/redrive")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 async def test_openapi_states_the_key_pattern_and_the_model_names(api: Api) -> None:
