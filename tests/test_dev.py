@@ -180,21 +180,6 @@ def _listening(ports: dict[str, int]) -> list[str]:
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "OPEN DEFECT (issue 8): twice in CI the job submitted right after the API's kill -9 "
-        "and restart was accepted (202) but not consumed within 60 s; it passes in other "
-        "runs. Reproduced once in 2 local runs: the job's record was on partition 0 at "
-        "offset 1, right after job 2 at offset 0 that the same restarted worker had read and "
-        "committed (commit 1); so the partition was owned and fetched, and the record was "
-        "not read for 60 s after ~3 s idle. The broker test's rescued record stalled the same "
-        "way: suspect the worker's idle pause/resume of partitions (transports/kafka.py "
-        "_poll) against aiokafka's fetcher. A failure now reports the job's partition and offset "
-        "(or its absence from the topic), the group's commit/end offsets and members, and "
-        "the dev log tail."
-    ),
-)
 def test_dev_restarts_crashed_roles_and_ctrl_c_stops_the_broker_last(
     tmp_path: Path, model_repo: Path, dev_redis_url: str
 ) -> None:

@@ -122,18 +122,11 @@ class HttpClients:
 
 @pytest.mark.kafka
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "OPEN DEFECT (issue 8), narrowed: noida-db loses up to ~1 s of acknowledged records "
-        "on kill -9 and reuses their offsets (measured). Two causes of lost jobs are fixed: "
-        "the revoke hook's commit at generation -1 that moved the group past the restored log "
-        "end (skipped reused offsets), and jobs whose records the broker dropped (rescued by "
-        "the retry pump's stranded sweep). Still open, 1 in 16 runs: the rescued job's "
-        "record sat unread on a partition for 60 s (26 s in another run) after the restart, "
-        "cause not found (the record is fetchable from the broker's saved data)."
-    ),
-)
+# This test once lost jobs in 1 run of 5; three causes, each now fixed with its own test: the
+# revoke hook's commit at generation -1 moved the group past the restored log end (noida-db
+# loses ~1 s of acknowledged records on kill -9 and reuses their offsets); records the broker
+# dropped after acking (the retry pump's stranded sweep republishes them); and an idle
+# consumer that stopped fetching (tests/test_kafka_idle.py).
 def test_broker_kill_9_and_restart_loses_nothing(
     tmp_path: Path, model_repo: Path, record_property: Callable[[str, object], None]
 ) -> None:
