@@ -27,6 +27,11 @@ def make_celery(config: ControlConfig, *, name: str = "inferq-control") -> Celer
         worker_prefetch_multiplier=4,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        # Redis going away mid-command can surface as a channel error (a half-read reply:
+        # InvalidResponse, ResponseError) instead of a connection error; by default only the
+        # latter restart the consumer, and anything else escapes and ends the worker process
+        broker_channel_error_retry=True,
+        broker_connection_max_retries=None,  # keep trying for as long as Redis is down
         task_serializer="json",
         accept_content=["json"],
         timezone="UTC",

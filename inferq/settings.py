@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     worker_fetch_max_records: int = Field(default=512, ge=1)
     worker_lease_s: float = Field(default=300.0, gt=0)
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    # Kafka: a queued job unclaimed this long while the group has no backlog lost its message
+    # (a broker that dropped acknowledged records); the retry pump publishes it again. At
+    # least twice publish_timeout_s is used, so that no publish still in progress counts
+    stranded_after_s: float = Field(default=120.0, gt=0)
     inference_threads: int = Field(default=0, ge=0)  # 0: let ONNX Runtime decide
     execution_providers: str | None = None  # e.g. "CPUExecutionProvider"; None: auto
 

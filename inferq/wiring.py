@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,13 @@ async def run_worker(
         # SQS retries with the visibility timeout (nack); Kafka through the store's pump
         retry_pump=None
         if settings.transport == "sqs"
-        else RetryPump(store, publisher, settings.kafka_topic),
+        else RetryPump(
+            store,
+            publisher,
+            settings.kafka_topic,
+            backlog=_backlog(depth),
+            stranded_after_s=max(settings.stranded_after_s, 2 * settings.publish_timeout_s),
+        ),
     )
     try:
         await depth.start()
@@ -259,6 +266,13 @@ async def run_worker(
         await publisher.stop()
         store.close()
     return worker
+
+
+def _backlog(depth: DepthProbe) -> Callable[[], Awaitable[int]]:
+    async def backlog() -> int:
+        return (await depth.depth()).backlog
+
+    return backlog
 
 
 async def _worker_bus(settings: Settings, wid: str) -> tuple[Consumer, Publisher, DepthProbe, str]:

@@ -1,7 +1,8 @@
 """Moves back to queued: retries that wait in the store, and redrives from the DLQ.
 
 A failed attempt that will be retried goes back to queued with a not-before (``retry_at``);
-the retry pump takes the due ones, publishes them and clears it. A redrive moves a failed
+the retry pump takes the due ones, publishes them and clears it. It takes a queued job that
+is stranded (its message lost) the same way. A redrive moves a failed
 job back to queued, and back to failed when its publish fails. Each function runs in the
 caller's transaction; the moves go through jobstore/transitions.py like every other.
 """
@@ -13,10 +14,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select
 
+from jobstore.queries import read_records
 from jobstore.records import JobRecord, Reschedule, utcnow
 from jobstore.sql import JOBS
 from jobstore.transitions import (
     HOLD_RETRY,
+    HOLD_STRANDED,
     REDRIVE,
     RELEASE_RETRY,
     RESCHEDULE,
@@ -56,6 +59,26 @@ def take_due(conn: Connection, now: datetime, limit: int, hold_s: float) -> list
     )
     held = {"retry_at": now + timedelta(seconds=hold_s), "updated_at": now}
     return move(conn, HOLD_RETRY, ids, held, due)
+
+
+def stranded(
+    conn: Connection, now: datetime, idle_s: float, limit: int, hold_s: float, *, take: bool
+) -> list[JobRecord]:
+    """Queued jobs that nothing has touched for ``idle_s`` (no retry waiting, no claim),
+    longest idle first; with ``take``, held ``hold_s`` ahead as a due retry is."""
+    stuck = (JOBS.c.retry_at.is_(None), JOBS.c.updated_at < now - timedelta(seconds=idle_s))
+    ids = list(
+        conn.scalars(
+            select(JOBS.c.id)
+            .where(HOLD_STRANDED.guard(), *stuck)
+            .order_by(JOBS.c.updated_at)
+            .limit(limit)
+        )
+    )
+    if not ids or not take:
+        return read_records(conn, ids)
+    held = {"retry_at": now + timedelta(seconds=hold_s), "updated_at": now}
+    return move(conn, HOLD_STRANDED, ids, held, *stuck)
 
 
 def published(conn: Connection, ids: Iterable[str], now: datetime) -> None:

@@ -324,6 +324,26 @@ class JobStore:
         with self._begin(write=True) as conn:
             return requeue.take_due(conn, now, limit, hold_s)
 
+    def stranded(
+        self,
+        *,
+        idle_s: float,
+        limit: int = 500,
+        hold_s: float = 30.0,
+        take: bool = True,
+        now: datetime | None = None,
+    ) -> builtins.list[JobRecord]:
+        """Queued jobs that nothing has touched for ``idle_s``: no retry waiting, no claim.
+
+        With ``take`` their not-before moves ``hold_s`` ahead in the same statement, as
+        ``due_retries`` does (concurrent callers never take the same job; one that crashes
+        before publishing leaves a due retry behind). ``take=False`` only looks (up to
+        ``limit`` rows, unchanged), for a caller that checks something else first.
+        """
+        now = _now(now)
+        with self._begin(write=take) as conn:
+            return requeue.stranded(conn, now, idle_s, limit, hold_s, take=take)
+
     def retries_published(self, ids: Sequence[str]) -> None:
         """The pump published these retries: they now wait on the bus like new jobs."""
         now = utcnow()

@@ -78,6 +78,7 @@ COMPLETE = _transition("complete", {_R}, JobStatus.SUCCEEDED, JobStatus.FAILED)
 RESCHEDULE = _transition("reschedule", {_R}, _Q)  # a retry waits out its backoff
 HOLD_RETRY = _transition("hold_retry", {_Q}, _Q)  # the retry pump takes a due retry
 RELEASE_RETRY = _transition("release_retry", {_Q}, _Q)  # ... and has published it
+HOLD_STRANDED = _transition("hold_stranded", {_Q}, _Q)  # its message was lost: publish again
 REDRIVE = _transition("redrive", {JobStatus.FAILED}, _Q)
 RESTORE_FAILED = _transition("restore_failed", {_Q}, JobStatus.FAILED)  # its redrive failed
 FAIL_UNSTARTED = _transition("fail_unstarted", {_Q, _R}, JobStatus.FAILED)  # poison message
@@ -93,6 +94,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     RESCHEDULE,
     HOLD_RETRY,
     RELEASE_RETRY,
+    HOLD_STRANDED,
     REDRIVE,
     RESTORE_FAILED,
     FAIL_UNSTARTED,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from jobstore.errors import StoreUnavailable
 from schemas.errors import ApiError, ErrorCode, ErrorDetail, ErrorResponse
@@ -55,7 +58,16 @@ _PYDANTIC_CODES = {
 }
 
 
+NOT_JSON = ErrorDetail(
+    code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    message="the body must be JSON, sent with Content-Type: application/json",
+    field="Content-Type",
+)
+
+
 def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail]]:
+    if _not_json(exc):
+        return 415, [NOT_JSON]
     details = []
     status = 422
     for err in exc.errors():
@@ -71,6 +83,14 @@ def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail
         field = printable(error_field(err, field))
         details.append(ErrorDetail(code=code, message=f"{field}: {err.get('msg')}", field=field))
     return status, details
+
+
+def _not_json(exc: RequestValidationError) -> bool:
+    """A body FastAPI did not parse as JSON: sent as a form (curl -d without -H), as text,
+    or with no Content-Type. FastAPI hands such a body on as bytes, which no model takes."""
+    return isinstance(exc.body, bytes | bytearray) and any(
+        tuple(err.get("loc", ()))[:1] == ("body",) for err in exc.errors()
+    )
 
 
 def store_unavailable_response(retry_after_s: int) -> JSONResponse:
@@ -101,13 +121,23 @@ class _RateLimitedLog:
 
 
 def _allowed(request: Request) -> list[str]:
-    """Every method some route of the app answers on this path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "\x00"})
+    """Every method this path answers, an included router's routes too. As in OpenAPI,
+    concrete paths come before templated ones: ``/v1/dlq/redrive`` is the redrive, not the
+    dead letter ``redrive`` of ``/v1/dlq/{entry_id}``."""
+    by_params: dict[int, set[str]] = {}
+    for route in _flat_routes(request.app.router.routes):
+        match, child = route.matches({**request.scope, "method": "\x00", "path_params": {}})
         if match is not Match.NONE:
+            methods = by_params.setdefault(len(child.get("path_params", {})), set())
             methods.update(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    return sorted(by_params[min(by_params)]) if by_params else []
+
+
+def _flat_routes(routes: Sequence[BaseRoute]) -> Iterable[Any]:
+    """The routes themselves: newer FastAPI keeps an included router as one route in front
+    of its own (``iter_route_contexts`` sees through it), older FastAPI copies them in."""
+    expand = getattr(fastapi.routing, "iter_route_contexts", None)
+    return expand(routes) if expand is not None else routes
 
 
 def install_handlers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from tenacity import (
     AsyncRetrying,
@@ -25,6 +26,10 @@ class PublishUnavailable(Exception):
 
 
 class JobPublisher:
+    # Called once for each retry as it starts (the API's is a counter's ``inc``): counted
+    # here, where it happens, so concurrent publishes never count each other's retries.
+    on_retry: Callable[[], object] | None = None
+
     def __init__(
         self,
         publisher: Publisher,
@@ -59,6 +64,8 @@ class JobPublisher:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.retries += 1
+                        if self.on_retry is not None:
+                            self.on_retry()
                     await asyncio.wait_for(
                         self.publisher.publish(
                             self.topic, value, key=envelope.id.encode(), headers=headers

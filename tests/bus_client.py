@@ -114,7 +114,8 @@ def binary_headers(job_id: str, source: str = "//fuzz") -> Headers:
 
 def read_all(bootstrap: str, topic: str, *, expect: int = 0, timeout: float = 30) -> list[Stored]:
     """Every message on every partition of ``topic`` from the start, read with a fresh group;
-    waits until at least ``expect`` are there (or ``timeout``), then reads to the end."""
+    waits until at least ``expect`` are there (or ``timeout``), then reads to the end: to
+    each partition's high watermark as the broker reports it then, not until a quiet spell."""
     c = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -132,12 +133,22 @@ def read_all(bootstrap: str, topic: str, *, expect: int = 0, timeout: float = 30
         parts = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
         c.assign([TopicPartition(topic, p, 0) for p in parts])
         deadline = time.monotonic() + timeout
-        quiet_since = time.monotonic()
+        next_offset = {
+            p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[0] for p in parts
+        }
+
+        def at_end() -> bool:
+            for p in parts:
+                _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                if next_offset[p] < high:
+                    return False
+            return True
+
         while time.monotonic() < deadline:
             msg = c.poll(0.2)
             if msg is None:
-                # done once we have what we expect and nothing came for a moment
-                if len(out) >= expect and time.monotonic() - quiet_since > 1.0:
+                # done once we have what we expect and every partition is read to its end
+                if len(out) >= expect and at_end():
                     break
                 continue
             error = msg.error()
@@ -145,7 +156,7 @@ def read_all(bootstrap: str, topic: str, *, expect: int = 0, timeout: float = 30
                 if error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     continue
                 raise AssertionError(f"reading {topic}: {error}")
-            quiet_since = time.monotonic()
+            next_offset[int(msg.partition() or 0)] = int(msg.offset() or 0) + 1
             raw = msg.headers() or []
             pairs = list(raw.items()) if isinstance(raw, dict) else raw
             headers = {k: v for k, v in pairs if isinstance(v, bytes)}

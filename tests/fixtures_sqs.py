@@ -65,6 +65,19 @@ class SqsHarness:
         finally:
             sqs.close()
 
+    def messages_left(self) -> int:
+        """Messages still on the queue: visible, in flight (received, not deleted), delayed."""
+        sqs = boto3.client("sqs", endpoint_url=self.config.endpoint_url)
+        try:
+            url = sqs.get_queue_url(QueueName=self.queue)["QueueUrl"]
+            names = ["", "NotVisible", "Delayed"]
+            attrs = sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=[f"ApproximateNumberOfMessages{n}" for n in names]
+            )["Attributes"]
+        finally:
+            sqs.close()
+        return sum(int(v) for v in attrs.values())
+
     def event(self, job_id: str, data: dict[str, Any], **attrs: Any) -> str:
         doc: dict[str, Any] = {
             "specversion": "1.0",
@@ -109,7 +122,9 @@ class SqsHarness:
             deadline = time.monotonic() + limit_s
             while not done():
                 assert not task.done(), task.exception()
-                assert time.monotonic() < deadline, "timed out"
+                assert time.monotonic() < deadline, (
+                    f"timed out after {limit_s}s waiting for {done.__doc__ or done}"
+                )
                 await asyncio.sleep(0.05)
         finally:
             stop.set()

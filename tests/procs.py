@@ -92,12 +92,13 @@ class Stack:
         wait_for(up, 60, "the API")
         return proc, url
 
-    def worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+    def worker(self, name: str = "worker", **extra: str) -> subprocess.Popen[bytes]:
         return self.spawn(
             ["worker"],
             f"{name}-{len(self.procs)}",
             INFERQ_WORKER_METRICS_PORT=str(free_port()),
             INFERQ_WORKER_ID=name,
+            **extra,
         )
 
     def log(self, name: str) -> str:

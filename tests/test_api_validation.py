@@ -367,6 +367,12 @@ async def test_405_allows_every_method_of_the_path(api: Api) -> None:
     assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "POST"}
     r = await api.client.put("/v1/jobs/x/cancel")
     assert {m.strip() for m in r.headers["allow"].split(",")} == {"POST"}
+    # routes of an included router too (FastAPI keeps one as a single route over its own)
+    r = await api.client.get("/v1/webhooks/endpoints/enable")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    # a concrete path before a templated one: not also GET of /v1/dlq/{entry_id}
+    r = await api.client.put("/v1/dlq/redrive")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 async def test_openapi_states_the_key_pattern_and_the_model_names(api: Api) -> None:
@@ -384,6 +390,36 @@ async def test_body_that_cannot_be_parsed_is_400_malformed_json(api: Api) -> Non
     assert r.status_code == 400, r.text
     assert (_error(r)["code"], _error(r)["field"]) == ("malformed_json", "body")
     await api.assert_nothing_kept()
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/v1/jobs", "application/x-www-form-urlencoded"),  # curl -d without -H
+        ("/v1/jobs", "text/plain"),
+        ("/v1/jobs", None),
+        ("/v1/dlq/redrive", "application/x-www-form-urlencoded"),
+    ],
+)
+async def test_body_that_is_not_sent_as_json_is_415_naming_the_content_type(
+    api: Api, path: str, content_type: str | None
+) -> None:
+    body = json.dumps({"model": "identity", "input": {"tensor": [1]}}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    r = await api.client.post(path, content=body, headers=headers)
+    assert r.status_code == 415, r.text
+    error = _error(r)
+    assert (error["code"], error["field"]) == ("unsupported_media_type", "Content-Type")
+    assert "application/json" in error["message"]
+    await api.assert_nothing_kept()
+
+
+async def test_openapi_documents_415_where_a_body_is_taken(api: Api) -> None:
+    paths = (await api.client.get("/openapi.json")).json()["paths"]
+    for path, method in (("/v1/jobs", "post"), ("/v1/dlq/redrive", "post")):
+        answer = paths[path][method]["responses"]["415"]
+        assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "415" not in paths["/v1/jobs"]["get"]["responses"]
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,11 @@ from workers.batcher import Batch, MicroBatcher
 
 async def test_flushes_at_max_batch_size_and_at_max_wait() -> None:
     seen: list[list[int]] = []
+    waited: list[float] = []
 
     async def handler(batch: Batch[int]) -> None:
         seen.append(batch.items)
+        waited.append(batch.waited_s)
 
     batcher: MicroBatcher[int] = MicroBatcher(4, 0.05, handler)
     batcher.start()
@@ -20,26 +22,31 @@ async def test_flushes_at_max_batch_size_and_at_max_wait() -> None:
     await batcher.drain()
     assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     batcher.put(10)
-    await asyncio.sleep(0.01)
-    assert seen[-1] == [8, 9]  # still waiting for company
     await batcher.drain()
     assert seen[-1] == [10]
+    # alone, it was held for company until max_wait (measured on the loop's clock from its
+    # put; a flush at once would show ~0); 1 us for the loop's timer resolution
+    assert waited[-1] >= 0.05 - 1e-6, waited
     await batcher.stop()
 
 
 async def test_batches_grow_while_the_handler_is_busy() -> None:
     seen: list[int] = []
+    busy, release = asyncio.Event(), asyncio.Event()
 
     async def slow(batch: Batch[int]) -> None:
         seen.append(len(batch.items))
-        await asyncio.sleep(0.05)
+        busy.set()
+        await release.wait()  # busy until the test says so
 
     batcher: MicroBatcher[int] = MicroBatcher(64, 0.0, slow)
     batcher.start()
     batcher.put(0)
-    await asyncio.sleep(0.01)
+    async with asyncio.timeout(5):
+        await busy.wait()  # the first batch is in the handler
     for i in range(20):
         batcher.put(i)
+    release.set()
     await batcher.drain()
     await batcher.stop()
     assert seen == [1, 20]

@@ -201,6 +201,7 @@ def stack(
     s.stop_all()
 
 
+@pytest.mark.timeout(180)  # the worker 60 s, the job 30 s, SIGTERM 10 s
 def test_worker_process_dead_letters_the_big_poison_and_stops_on_sigterm(stack: Stack) -> None:
     """The same poison, against `inferq worker`: later jobs run, and SIGTERM exits 0 at once."""
     proc = stack.worker()

@@ -20,6 +20,7 @@ from transports.broker import EmbeddedKafka
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
+@pytest.mark.timeout(330)  # the API 60 s, a heartbeat 60 s, the drain 120 s, calm 30 s
 def test_flood_gets_429s_every_accepted_job_finishes_and_desired_workers_rise_and_fall(
     tmp_path: Path, kafka_broker: EmbeddedKafka, topic: str, model_repo: Path
 ) -> None:
@@ -112,6 +113,8 @@ def test_flood_gets_429s_every_accepted_job_finishes_and_desired_workers_rise_an
         stack.stop_all()
 
 
+# the API 60 s, ?wait=30 (jobs published together), the worker's stop 30 s, the redriven job 30 s
+@pytest.mark.timeout(210)
 def test_poison_to_dlq_good_jobs_flow_and_redrive_after_the_fix(
     tmp_path: Path, kafka_broker: EmbeddedKafka, topic: str, model_repo: Path
 ) -> None:

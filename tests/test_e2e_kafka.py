@@ -52,6 +52,7 @@ def _cos(a: list[float], b: np.ndarray) -> float:
     return float(va @ b / (np.linalg.norm(va) * np.linalg.norm(b)))
 
 
+@pytest.mark.timeout(180)  # the API 60 s, the jobs' ?wait=30 (submitted together), heartbeats 20 s
 def test_http_jobs_run_to_succeeded_with_reference_embeddings(
     stack: Stack, minilm_reference
 ) -> None:
@@ -83,6 +84,7 @@ def test_http_jobs_run_to_succeeded_with_reference_embeddings(
         assert client.get("/asyncapi.json").json()["channels"]
 
 
+@pytest.mark.timeout(180)  # the API 60 s, ?wait=30 for the bus jobs, the SDK's wait 30 s
 def test_direct_publish_with_a_plain_kafka_producer(stack: Stack) -> None:
     _, url = stack.api()
     stack.worker()
@@ -207,6 +209,7 @@ def _count(store: JobStore, ids: list[str], status: JobStatus) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(270)  # progress 90 s, then all jobs 120 s
 def test_kill_9_worker_mid_run_loses_nothing(stack: Stack, minilm_reference) -> None:
     texts = _corpus(300)
     ids = _submit_direct(stack.bootstrap, stack.topic, texts, "k9")
@@ -233,6 +236,7 @@ def test_kill_9_worker_mid_run_loses_nothing(stack: Stack, minilm_reference) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # progress 90 s, the 2 s outage, then all jobs 150 s
 def test_broker_restart_mid_run_loses_nothing(
     tmp_path: Path, topic: str, model_repo: Path, minilm_reference
 ) -> None:
@@ -288,6 +292,7 @@ def postgres_database(postgres_url: str) -> Iterator[str]:
 
 
 @pytest.mark.postgres
+@pytest.mark.timeout(180)  # the API 60 s, ?wait=30 (the 40 jobs run together)
 def test_api_and_worker_on_a_postgres_job_store(
     tmp_path: Path,
     kafka_broker: EmbeddedKafka,

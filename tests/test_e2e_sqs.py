@@ -70,6 +70,7 @@ def _event(job_id: str, data: dict) -> str:
     )
 
 
+@pytest.mark.timeout(180)  # the API 60 s, two ?wait=30
 def test_http_and_direct_boto3_jobs_run_over_sqs(stack: Stack) -> None:
     _, url = stack.api()
     stack.worker()
@@ -92,13 +93,16 @@ def test_http_and_direct_boto3_jobs_run_over_sqs(stack: Stack) -> None:
         assert len(direct["result"]["embedding"]) == 384 and direct["source"] == "//billing"
 
 
+@pytest.mark.timeout(180)  # each role's exit, 60 s each
 def test_a_missing_queue_stops_api_and_worker_with_its_name(stack: Stack) -> None:
     env = {"INFERQ_SQS_QUEUE": "no-such-queue", "INFERQ_SQS_CREATE_QUEUES": "false"}
-    for role in (["api", "--port", "0"], ["worker"]):
-        proc = stack.spawn(role, f"missing-{role[0]}", **env)
-        assert proc.wait(60) == 2
+    roles = (["api", "--port", "0"], ["worker"])
+    # both start at once (each spends most of its time importing the stack)
+    procs = [stack.spawn(role, f"missing-{role[0]}", **env) for role in roles]
+    for role, proc in zip(roles, procs, strict=True):
+        assert proc.wait(60) == 2, stack.log(f"missing-{role[0]}")
         out = stack.log(f"missing-{role[0]}")
-        assert "'no-such-queue' does not exist" in out and "Traceback" not in out
+        assert "'no-such-queue' does not exist" in out and "Traceback" not in out, out
 
 
 def _count(store: JobStore, ids: list[str], status: JobStatus) -> int:
@@ -106,6 +110,7 @@ def _count(store: JobStore, ids: list[str], status: JobStatus) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # progress 90 s, then all jobs 150 s
 def test_kill_9_worker_mid_batch_messages_reappear_and_run_once(stack: Stack) -> None:
     ids = [f"k9-{i}" for i in range(120)]
     texts = [f"sentence number {i} for the crash test" for i in range(len(ids))]

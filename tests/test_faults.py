@@ -122,15 +122,11 @@ class HttpClients:
 
 @pytest.mark.kafka
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "OPEN DEFECT (issue 8): in 1 of 3 CI-like runs 2 jobs accepted just after the broker "
-        "restart stayed queued with 0 attempts (never consumed). Not yet understood: a "
-        "noida-db that loses its acknowledged tail on kill -9 and then reuses those offsets "
-        "below the consumer's position would explain it. Recorded, not hidden: see the note."
-    ),
-)
+# This test once lost jobs in 1 run of 5; three causes, each now fixed with its own test: the
+# revoke hook's commit at generation -1 moved the group past the restored log end (noida-db
+# loses ~1 s of acknowledged records on kill -9 and reuses their offsets); records the broker
+# dropped after acking (the retry pump's stranded sweep republishes them); and an idle
+# consumer that stopped fetching (tests/test_kafka_idle.py).
 def test_broker_kill_9_and_restart_loses_nothing(
     tmp_path: Path, model_repo: Path, record_property: Callable[[str, object], None]
 ) -> None:
@@ -143,8 +139,14 @@ def test_broker_kill_9_and_restart_loses_nothing(
     stack = Stack(tmp_path, broker.bootstrap, topic, model_repo)
     clients: HttpClients | None = None
     try:
-        api, url = stack.api(INFERQ_PUBLISH_TIMEOUT_S="3")
-        worker = stack.worker("worker-1")
+        # noida-db keeps its log in memory and writes it out about once a second: a kill -9
+        # loses the acknowledged records of the last second and hands their offsets out
+        # again. What a consumer had not read by then is gone from the bus; the worker's
+        # retry pump publishes such stranded jobs again (queued, unclaimed for
+        # INFERQ_STRANDED_AFTER_S, no backlog), here after 2 x the publish timeout of 3 s
+        timeouts = {"INFERQ_PUBLISH_TIMEOUT_S": "3", "INFERQ_STRANDED_AFTER_S": "6"}
+        api, url = stack.api(**timeouts)
+        worker = stack.worker("worker-1", **timeouts)
         store = _sqlite_store(stack)
         clients = HttpClients(url)
         clients.start()
@@ -213,11 +215,12 @@ def test_broker_kill_9_and_restart_loses_nothing(
             refused_code="publish_unavailable",
             letters=DeadLetterStore(store.engine),
         )
+        rescued = stack.log("worker").count("publishing them again")
         _say(
             f"broker kill -9: first job completed {recovery:.2f}s after the restart; the API "
             f"accepted again after {'never' if api_problem else f'{api_recovery:.2f}s'}; "
             f"{report.summary()}; "
-            f"answers {clients.answers}"
+            f"answers {clients.answers}; stranded-job rescues {rescued}"
         )
         record_property("recovery_s", round(recovery, 3))
         record_property("api_recovery_s", round(api_recovery, 3))
@@ -423,8 +426,10 @@ def test_worker_kill_9_five_times_in_a_row_loses_nothing(
     strict=False,
     reason=(
         "OPEN DEFECT (issue 8): once in a fresh-clone CI run `inferq control` (the Celery "
-        "worker) exited when Redis went away mid-ack (kombu ack_log_error during shutdown of "
-        "its consumer) instead of reconnecting; it passes in other runs."
+        "worker) exited when Redis went away mid-ack instead of reconnecting. Not reproduced "
+        "in 6 runs on an idle machine. Hardened without proof (control/app.py): channel "
+        "errors now restart the consumer (broker_channel_error_retry) and reconnection never "
+        "gives up; the exception that escaped in CI is still unknown."
     ),
 )
 def test_redis_stopped_during_webhook_delivery_loses_nothing(

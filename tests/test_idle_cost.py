@@ -83,6 +83,7 @@ def _run_one_job(stack: Stack) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(180)  # the warm-up job 90 s, then the measurement window
 def test_an_idle_worker_uses_almost_no_cpu(stack: Stack, kafka_broker: EmbeddedKafka) -> None:
     worker = stack.worker()
     _run_one_job(stack)  # joined the group, models loaded, one job through: now idle

@@ -173,6 +173,10 @@ def test_every_status_change_the_store_makes_is_allowed(store: JobStore, applied
     assert see(lambda: store.requeue_stale("i", attempt, now=later))
     attempt = claim("j")
     assert see(lambda: store.fail_stale("j", attempt, "lease ran out", now=later))
+    # k: queued, untouched, its message lost: the pump takes it to publish it again
+    look = see(lambda: store.stranded(idle_s=60, now=later, take=False))
+    assert [r.id for r in look] == ["k"] and look[0].retry_at is None
+    assert [r.id for r in see(lambda: store.stranded(idle_s=60, now=later))] == ["k"]
     assert see(lambda: store.purge_finished(before=later + timedelta(days=1))) == 8
 
     allowed = {(s, t) for s, targets in ALLOWED.items() for t in targets}

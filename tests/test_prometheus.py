@@ -23,6 +23,7 @@ def _tool(name: str) -> str:
     return path
 
 
+@pytest.mark.timeout(420)  # the API 60 s, five ?wait=30 one after another, then 30 + 60 + 30 + 30 s
 def test_prometheus_scrapes_api_and_worker(
     tmp_path: Path, kafka_broker: EmbeddedKafka, topic: str, model_repo: Path
 ) -> None:

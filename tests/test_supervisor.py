@@ -120,16 +120,15 @@ def test_stop_goes_stage_by_stage_each_waited_for(tmp_path: Path) -> None:
         f"    open({str(record)!r}, 'a').write(sys.argv[1] + '\\n')\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
-        "print('up', flush=True)\n"
+        f"open({str(tmp_path)!r} + '/ready-' + sys.argv[1], 'w').close()\n"
         "time.sleep(60)\n"
     )
-    roles = [
-        Role(name, (*_python(code), name), {}, stage)
-        for name, stage in [("control", 2), ("worker-0", 1), ("api", 0), ("worker-1", 1)]
-    ]
+    names = [("control", 2), ("worker-0", 1), ("api", 0), ("worker-1", 1)]
+    roles = [Role(name, (*_python(code), name), {}, stage) for name, stage in names]
     sup = Supervisor(roles, FAST)
     sup.start_all()
-    time.sleep(0.5)  # the handlers are installed (a race here would only fail the test)
+    ready = [tmp_path / f"ready-{name}" for name, _ in names]
+    wait_for(lambda: all(p.exists() for p in ready), 30, "every role's SIGTERM handler")
     sup.stop(timeout_s=10)
     order = record.read_text().split()
     assert order[0] == "api" and set(order[1:3]) == {"worker-0", "worker-1"}, order
@@ -138,12 +137,18 @@ def test_stop_goes_stage_by_stage_each_waited_for(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["timeout", "second ctrl-c"])
-def test_a_stuck_role_is_killed(how: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stuck_role_is_killed(how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="inferq.dev")
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"  # noqa: E501
+    ready = tmp_path / "ready"
+    code = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(60)\n"
+    )
     sup = Supervisor([Role("stuck", _python(code), {}, 0)], FAST)
     sup.start_all()
-    time.sleep(0.5)  # SIGTERM is ignored by then (a race here would only make stop quicker)
+    wait_for(ready.exists, 30, "the role to ignore SIGTERM")
     started = time.monotonic()
     if how == "timeout":
         sup.stop(timeout_s=1)

@@ -542,3 +542,67 @@ def test_the_packaged_receiver_verifies_with_our_signer() -> None:
         assert httpx.post(r.url, content=body, headers=forged).status_code == 400
     assert [(x.msg_id, x.job_id) for x in r.received] == [("msg_1", "j1")]
     assert len(r.rejected) == 1
+
+
+def test_the_receiver_runs_as_a_command_and_prints_each_verified_delivery(
+    tmp_path: Path,
+) -> None:
+    """`python -m webhooks.receiver`, as the README's local recipe runs it."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    secret_file = tmp_path / "webhook_secret"
+    command = [sys.executable, "-m", "webhooks.receiver", "--port", "0"]
+    proc = subprocess.Popen(
+        [*command, "--secret-file", str(secret_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        # started before inferq wrote its secret: it waits for the file
+        assert (
+            proc.stdout.readline()
+            == f"waiting for {secret_file} (inferq writes it when it first starts)\n"
+        )
+        secret_file.write_text(SECRET + "\n")  # as inferq writes it: with a newline
+        first = proc.stdout.readline()
+        found = re.search(r"receiving webhooks at (http://127\.0\.0\.1:\d+/hook)", first)
+        assert found, first + proc.stdout.read()
+        body = json.dumps(
+            {"type": "job.succeeded", "data": {"id": "j1", "status": "succeeded"}}
+        ).encode()
+        headers = WebhookSigner.from_secrets([SECRET]).headers("msg_1", int(time.time()), body)
+        assert httpx.post(found.group(1), content=body, headers=headers).status_code == 200
+        forged = {**headers, "webhook-signature": "v1,AAAA"}
+        assert httpx.post(found.group(1), content=body, headers=forged).status_code == 400
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    lines = out.splitlines()
+    assert lines == [
+        "verified job.succeeded job=j1 status=succeeded webhook-id=msg_1",
+        "REJECTED msg_1: no signature matches",
+        "stopped: 1 verified, 1 rejected",
+    ], out
+
+
+def test_the_receiver_command_says_why_it_cannot_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from webhooks.receiver import main
+
+    with pytest.raises(SystemExit) as missing:
+        main(["--secret-file", str(tmp_path / "webhook_secret"), "--wait-for-secret", "0"])
+    assert missing.value.code == 2
+    assert "inferq writes it there when it first starts" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        main(["--secret", "not-a-secret"])
+    assert bad.value.code == 2 and "bad secret" in capsys.readouterr().err

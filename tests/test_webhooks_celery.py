@@ -129,6 +129,10 @@ def control(tmp_path: Path, redis_url: str, secret: str) -> Iterator[Control]:
     try:
         yield c
     finally:
+        # no test here checks how `inferq control` stops (test_dev does): a warm shutdown
+        # only cost each test ~2 s of teardown; its queue is the test's own
+        for proc in c.procs:
+            c.kill(proc)
         c.stop()
 
 
@@ -159,6 +163,7 @@ def _one_id_per_job(hook: Receiver, ids: list[str]) -> None:
         assert by_job[job_id] == {webhook_id(job_id, "job.succeeded")}
 
 
+@pytest.mark.timeout(150)  # deliveries 60 s, rows settled 30 s
 def test_delivers_verified_webhooks(control: Control, hook: Receiver) -> None:
     control.start()
     ids = control.finish_jobs(hook.url, 20)
@@ -169,6 +174,7 @@ def test_delivers_verified_webhooks(control: Control, hook: Receiver) -> None:
     assert delivery.attempt_log[-1].status_code == 200
 
 
+@pytest.mark.timeout(210)  # retries 60 s, deliveries 90 s
 def test_receiver_down_then_back_loses_nothing(control: Control, hook: Receiver) -> None:
     port = hook.port
     hook.stop()  # down: connection refused
@@ -188,6 +194,8 @@ def test_receiver_down_then_back_loses_nothing(control: Control, hook: Receiver)
     assert delivery.attempt_log[0].error and "ConnectError" in delivery.attempt_log[0].error
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # in flight 60 s, the kill 20 s, deliveries 120 s
 def test_worker_killed_mid_delivery_loses_nothing(control: Control, hook: Receiver) -> None:
     hook.mode, hook.hang_s = "slow", 1.5  # every request is in flight for a while
     first = control.start()
@@ -200,6 +208,7 @@ def test_worker_killed_mid_delivery_loses_nothing(control: Control, hook: Receiv
     _one_id_per_job(hook, ids)
 
 
+@pytest.mark.timeout(180)  # the delivery 60 s, the replay 60 s
 def test_replayed_delivery_keeps_its_webhook_id(control: Control, hook: Receiver) -> None:
     control.start()
     (job_id,) = control.finish_jobs(hook.url, 1)
@@ -209,6 +218,7 @@ def test_replayed_delivery_keeps_its_webhook_id(control: Control, hook: Receiver
     assert {r.msg_id for r in hook.received} == {webhook_id(job_id, "job.succeeded")}
 
 
+@pytest.mark.timeout(180)  # the expiry webhook 60 s, the stale job 60 s
 def test_sweeps_expire_and_requeue(control: Control, hook: Receiver) -> None:
     store = control.store
     store.create(
@@ -234,6 +244,7 @@ def test_sweeps_expire_and_requeue(control: Control, hook: Receiver) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # deliveries 300 s
 def test_a_thousand_jobs_a_thousand_verified_deliveries(control: Control, hook: Receiver) -> None:
     control.start()
     ids = control.finish_jobs(hook.url, 1000)
@@ -242,6 +253,7 @@ def test_a_thousand_jobs_a_thousand_verified_deliveries(control: Control, hook: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(150)  # deliveries 90 s
 def test_local_broker_fallback_without_redis(tmp_path: Path, secret: str, hook: Receiver) -> None:
     """No Redis: `inferq control --local-broker-fallback` says so and delivers anyway."""
     c = Control(tmp_path, "redis://127.0.0.1:1/0", secret)

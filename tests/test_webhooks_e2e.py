@@ -39,6 +39,7 @@ def webhook_env(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> Iterator[str
     yield secret
 
 
+@pytest.mark.timeout(240)  # the API 60 s, webhooks 90 s, the delivery log 30 s
 def test_http_job_to_verified_webhook(stack: Stack, webhook_env: str) -> None:
     hook = Receiver(webhook_env)
     hook.start()
@@ -86,6 +87,7 @@ def test_http_job_to_verified_webhook(stack: Stack, webhook_env: str) -> None:
         hook.stop()
 
 
+@pytest.mark.timeout(180)  # the orphan's webhook 120 s
 def test_stale_lease_is_republished_and_finished(stack: Stack, webhook_env: str) -> None:
     hook = Receiver(webhook_env)
     hook.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import replace
 
@@ -19,8 +18,15 @@ pytestmark = pytest.mark.sqs
 async def test_a_direct_boto3_job_runs_once_even_when_sent_twice(harness: SqsHarness) -> None:
     for _ in range(2):
         harness.send(harness.event("direct-1", TENSOR))
-    await harness.run_until(lambda: harness.status("direct-1") is JobStatus.SUCCEEDED)
-    await asyncio.sleep(1.5)  # the second copy, if any, is acknowledged without running
+
+    def both_copies_handled() -> bool:
+        """the job succeeded and both copies were deleted from the queue"""
+        done = harness.status("direct-1") is JobStatus.SUCCEEDED
+        return done and harness.messages_left() == 0
+
+    # the second copy is acknowledged (deleted) without running: once the queue is empty,
+    # there is nothing left that could run the job again
+    await harness.run_until(both_copies_handled)
     record = harness.store.get("direct-1")
     assert record is not None and record.attempts == 1
     assert record.result == {"tensor": [1.0, 2.0]} and record.source == "//test"

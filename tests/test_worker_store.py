@@ -328,6 +328,7 @@ def _produce(bootstrap: str, topic: str, messages: list[tuple[list, bytes]], key
 
 @pytest.mark.postgres
 @pytest.mark.kafka
+@pytest.mark.timeout(210)  # four jobs 90 s, one more 60 s
 def test_a_nul_character_fails_that_job_alone_on_postgres(pg_stack: tuple[Stack, str]) -> None:
     stack, url = pg_stack
     worker = stack.worker()
@@ -391,6 +392,7 @@ def test_a_nul_character_fails_that_job_alone_on_postgres(pg_stack: tuple[Stack,
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.kafka
+@pytest.mark.timeout(300)  # jobs 90 s, the 20 s outage, recovery 120 s, heartbeat 10 s
 def test_the_worker_rides_out_a_store_outage(
     tmp_path: Path,
     kafka_broker: EmbeddedKafka,

@@ -116,6 +116,21 @@ _FATAL_PRODUCER_ERRORS: tuple[type[KafkaError], ...] = (
 _REPLACEMENTS_PER_PUBLISH = 2
 
 
+def _outside_group(consumer: AIOKafkaConsumer) -> bool:
+    """True while the member has no generation: the coordinator did not know it (a heartbeat
+    or commit answered UnknownMemberId) and aiokafka reset it to generation -1 to rejoin.
+
+    A commit sent now goes out as generation -1 with no member id, which a broker takes as a
+    group-less commit whenever the group is empty: an unfenced write of offsets that belong to
+    an assignment that no longer exists. After noida-db loses its unflushed tail to a kill -9
+    (the acked records and the group with it) such a commit set the group's position past
+    the restored log end; the new records that then took those offsets were never read.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)  # aiokafka has no public accessor
+    generation = getattr(coordinator, "generation", None)
+    return isinstance(generation, int) and generation < 0
+
+
 def _sender_dead(producer: AIOKafkaProducer) -> bool:
     # aiokafka's background sender ends on a fatal error and fails every later batch
     task = producer._sender.sender_task
@@ -547,6 +562,7 @@ class KafkaConsumer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            resumed = False
             if self._resume_at is not None:
                 # still backing off from an earlier empty window, perhaps of an earlier call
                 wait = min(self._resume_at, deadline) - loop.time()
@@ -555,7 +571,14 @@ class KafkaConsumer:
                 if self._resume_at is not None and loop.time() < self._resume_at:
                     return {}
                 self._resume(consumer)
+                resumed = True
             window = min(c.idle_window_ms / 1000, max(deadline - loop.time(), 0))
+            if resumed:
+                # a resume must be followed by a real window, even past the caller's deadline:
+                # a caller whose timeout equals the pause resumes right at its deadline, and a
+                # 0 ms window paused the partitions again before aiokafka sent any fetch, so
+                # the consumer never fetched again (tests/test_kafka_idle.py)
+                window = max(window, c.idle_window_ms / 1000, 0.001)
             batches = await consumer.getmany(timeout_ms=int(window * 1000), max_records=max_records)
             now = loop.time()
             if any(batches.values()):
@@ -588,6 +611,13 @@ class KafkaConsumer:
         consumer = self._require()
         offsets = self._committable(consumer.assignment())
         if not offsets:
+            return
+        if _outside_group(consumer):
+            # rejoining after the coordinator forgot this member: the partitions may come
+            # back re-read from the last commit, so these acks must not count
+            log.warning("commit for group %r skipped: the member is rejoining", self.group)
+            for tp in offsets:
+                self._forget(tp)
             return
         try:
             await asyncio.wait_for(consumer.commit(dict(offsets)), self.config.commit_timeout_s)
@@ -623,7 +653,17 @@ class KafkaConsumer:
         # rebalances; noida-db 0.2.3 refuses it (IllegalGeneration) and its group may then
         # never settle with two or more members, so multi-member groups are Kafka-only
         consumer = self._consumer
-        if consumer is not None:
+        if consumer is not None and _outside_group(consumer):
+            # the coordinator no longer knows this member (a broker restart that lost the
+            # group, a session expiry): committing now would be a group-less commit outside
+            # any generation (see _outside_group); the partitions are re-read instead
+            log.warning(
+                "group %r forgot this member; %d partition(s) will be re-read from their "
+                "last commit",
+                self.group,
+                len(revoked),
+            )
+        elif consumer is not None:
             offsets = self._committable(revoked)
             if offsets:
                 try:

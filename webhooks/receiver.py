@@ -4,11 +4,17 @@ For trying inferq's webhooks without a service of your own (and for its tests an
 like dramatiq's stub broker): it records each verified delivery and can misbehave on purpose
 (``mode``). Verification uses ``WebhookSigner.verify`` unless another ``verifier`` is given,
 e.g. a Standard Webhooks library's, as the tests do.
+
+From a terminal, ``python -m webhooks.receiver --secret-file .inferq/webhook_secret`` listens
+on http://127.0.0.1:9000/hook and prints one line per request: ``verified`` with the event,
+job id and ``webhook-id``, or ``REJECTED`` with the reason (answered 400).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import signal
 import socket
 import ssl
 import threading
@@ -17,9 +23,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from webhooks.signing import WebhookSigner
+from webhooks.signing import SecretError, WebhookSigner, parse_secrets
+
+MODES = ("ok", "fail", "hang", "garbage", "redirect", "huge", "gone", "slow", "retry_after")
 
 
 @dataclass
@@ -48,6 +57,8 @@ class Receiver:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # (body, lower-cased headers) -> anything; raises when the delivery is not authentic
     verifier: Callable[[bytes, dict[str, str]], object] | None = None
+    # called with one line per request that reached verification (the command line prints it)
+    report: Callable[[str], None] | None = None
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -59,7 +70,7 @@ class Receiver:
 
     def start(self) -> None:
         receiver = self
-        verifier = self.verifier or WebhookSigner.from_secrets([self.secret]).verify
+        verifier = self.verifier or WebhookSigner.from_secrets(parse_secrets(self.secret)).verify
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -90,6 +101,8 @@ class Receiver:
                 except Exception as exc:
                     with receiver.lock:
                         receiver.rejected.append(repr(exc))
+                    if receiver.report is not None:
+                        receiver.report(f"REJECTED {headers.get('webhook-id', '?')}: {exc}")
                     self._answer(400, b"bad signature")
                     return
                 if mode == "fail":
@@ -105,14 +118,16 @@ class Receiver:
                     self._answer(302, b"", {"Location": receiver.url})
                     return
                 payload = json.loads(body)
+                got = Received(
+                    headers["webhook-id"], payload["type"], payload["data"]["id"], time.time()
+                )
                 with receiver.lock:
-                    receiver.received.append(
-                        Received(
-                            headers["webhook-id"],
-                            payload["type"],
-                            payload["data"]["id"],
-                            time.time(),
-                        )
+                    receiver.received.append(got)
+                if receiver.report is not None:
+                    status = payload["data"].get("status")
+                    receiver.report(
+                        f"verified {got.event} job={got.job_id} status={status} "
+                        f"webhook-id={got.msg_id}"
                     )
                 if mode == "huge":
                     chunk = b"x" * 65536
@@ -185,3 +200,68 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m webhooks.receiver``: a verifying receiver in the foreground, until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="python -m webhooks.receiver",
+        description="Receive inferq webhooks on loopback, verify each signature, print each one.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9000, help="port (0: any free one)")
+    secret = parser.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--secret", help="whsec_... (comma-separated while rotating)")
+    secret.add_argument(
+        "--secret-file",
+        type=Path,
+        help="a file holding the secret, e.g. the one inferq generates: .inferq/webhook_secret",
+    )
+    parser.add_argument("--mode", choices=MODES, default="ok", help="misbehave on purpose")
+    parser.add_argument(
+        "--wait-for-secret",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for --secret-file to appear (default 30)",
+    )
+    args = parser.parse_args(argv)
+    if args.secret_file is not None and not args.secret_file.exists():
+        print(f"waiting for {args.secret_file} (inferq writes it when it first starts)", flush=True)
+        deadline = time.monotonic() + args.wait_for_secret
+        while not args.secret_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    try:
+        value = args.secret if args.secret else args.secret_file.read_text()
+        parse_secrets(value)
+    except OSError as exc:
+        parser.exit(
+            2, f"cannot read the secret: {exc} (inferq writes it there when it first starts)\n"
+        )
+    except SecretError as exc:
+        parser.exit(2, f"bad secret: {exc}\n")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    r = Receiver(value.strip(), port=args.port, host=args.host, mode=args.mode, report=say)
+    try:
+        r.start()
+    except OSError as exc:
+        parser.exit(2, f"cannot listen on {args.host}:{args.port}: {exc}\n")
+    stop = threading.Event()
+    # Ctrl-C, and SIGTERM; also when started in the background, where SIGINT is ignored
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    say(f"receiving webhooks at {r.url} (mode {args.mode}); Ctrl-C stops")
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        r.stop()
+    say(f"stopped: {len(r.received)} verified, {len(r.rejected)} rejected")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,13 @@
 A failed attempt that may succeed later does not sleep on its partition: the job goes back
 to ``queued`` in the store with a not-before time, its message is acknowledged, and the pump
 re-publishes it when due. The jobs behind it on the partition never wait for its backoff.
+
+The pump also re-publishes stranded jobs: rows still ``queued``, untouched for
+``stranded_after_s``, while the bus holds no backlog for the group, so their message is no
+longer there to be read. A broker that acknowledged a record and then lost it does that
+(noida-db keeps its log in memory and writes it out about once a second, so a kill -9 loses
+up to a second of acknowledged records, and it hands their offsets out again). Redelivery is
+safe: the store's guarded claim runs a job once however many copies arrive.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -69,8 +76,14 @@ def envelope_for(record: JobRecord, source: str) -> JobEnvelope:
 
 
 class RetryPump:
-    """Re-publishes due retries; safe to run in every worker at once (rows are taken
-    atomically, and a duplicate message of a job is harmless by construction)."""
+    """Re-publishes due retries, and stranded jobs when ``backlog`` is given; safe to run in
+    every worker at once (rows are taken atomically, and a duplicate message of a job is
+    harmless by construction).
+
+    ``backlog`` answers how many messages wait for the consumer group (the depth probe).
+    ``stranded_after_s`` must exceed the API's publish budget: a row the API is still
+    publishing, or is about to mark failed, is not stranded.
+    """
 
     def __init__(
         self,
@@ -80,16 +93,47 @@ class RetryPump:
         *,
         interval_s: float = 0.2,
         source: str = "urn:inferq:retry",
+        backlog: Callable[[], Awaitable[int]] | None = None,
+        stranded_after_s: float = 120.0,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.topic = topic
         self.interval_s = interval_s
         self.source = source
+        self.backlog = backlog
+        self.stranded_after_s = stranded_after_s
+        # how often to look for stranded rows: a fraction of the threshold, 1 to 30 s
+        self.stranded_check_s = min(max(stranded_after_s / 4, 1.0), 30.0)
         self.published = 0
+        self.rescued = 0  # stranded jobs published again
 
     async def pump_once(self) -> int:
         due = await asyncio.to_thread(self.store.due_retries)
+        return await self._publish(due)
+
+    async def rescue_stranded(self) -> int:
+        """Publish again the queued jobs whose message is gone; returns how many."""
+        if self.backlog is None:
+            return 0
+        idle_s = self.stranded_after_s
+        seen = await asyncio.to_thread(self.store.stranded, idle_s=idle_s, limit=1, take=False)
+        if not seen or await self.backlog() > 0:  # a backlog: their messages may be in it
+            return 0
+        taken = await asyncio.to_thread(self.store.stranded, idle_s=idle_s)
+        if taken:
+            log.warning(
+                "%d queued job(s) unclaimed for %.0fs with no backlog on the bus (their "
+                "messages were lost): publishing them again, e.g. %s",
+                len(taken),
+                idle_s,
+                taken[0].id,
+            )
+        sent = await self._publish(taken)
+        self.rescued += sent
+        return sent
+
+    async def _publish(self, due: list[JobRecord]) -> int:
         if not due:
             return 0
         sent = []
@@ -113,9 +157,14 @@ class RetryPump:
 
     async def run(self, stop: asyncio.Event) -> None:
         pause = self.interval_s
+        loop = asyncio.get_running_loop()
+        next_rescue = loop.time() + self.stranded_check_s
         while not stop.is_set():
             try:
                 busy = await self.pump_once()
+                if self.backlog is not None and loop.time() >= next_rescue:
+                    next_rescue = loop.time() + self.stranded_check_s
+                    busy += await self.rescue_stranded()
                 pause = self.interval_s
             except Exception as exc:  # the store or the bus is down: back off, keep going
                 busy = 0
