@@ -80,15 +80,15 @@ def dev(
     from inferq.dev import DevOptions, run_dev
 
     found = settings(ctx, dev_bus=False)
-    chosen = transport.value if transport else ("sqs" if found.transport == "sqs" else "kafka")
+    # each transport's local server takes the port of the option its LocalServerSpec names
+    asked = {"--kafka-port": kafka_port, "--aws-port": aws_port}
     return run_dev(
         found,
         DevOptions(
             port=port,
-            kafka_port=kafka_port,
             workers=workers,
-            transport=chosen,
-            aws_port=aws_port,
+            transport=transport.value if transport else found.transport,
+            local_ports={option: p for option, p in asked.items() if p is not None},
             build_models=not no_build,
         ),
     )

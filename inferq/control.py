@@ -18,8 +18,8 @@ from control.app import make_celery
 from control.runtime import ControlConfig
 from control.sweeps import Republish
 from inferq.settings import Settings
-from inferq.wiring import job_publisher, url_guard
-from schemas.envelope import STRUCTURED_CONTENT_TYPE, JobEnvelope
+from inferq.wiring import transport_of, url_guard
+from schemas.envelope import JobEnvelope
 from webhooks.delivery import DeliveryConfig, DeliverySchedule, parse_schedule
 from webhooks.signing import load_or_create_secret, parse_secrets
 
@@ -34,24 +34,21 @@ def webhook_secrets(settings: Settings) -> list[str]:
 
 
 def bus_republish(settings: Settings) -> Republish | None:
-    """Publishes requeued jobs onto the jobs topic or queue of the configured transport
-    (None when Kafka is chosen but no broker is configured)."""
-    if settings.transport == "kafka" and not settings.kafka_bootstrap:
+    """Publishes requeued jobs onto the jobs topic or queue of the configured transport, in
+    its CloudEvents mode (None while the transport cannot connect: no broker configured)."""
+    transport = transport_of(settings)
+    if transport.missing is not None:
         return None
 
     def republish(envelopes: Sequence[JobEnvelope]) -> None:
         async def run() -> None:
-            publisher, destination, structured = job_publisher(settings, "inferq-control")
+            publisher = transport.publisher("inferq-control")
             await publisher.start()
             try:
                 for envelope in envelopes:
-                    if structured:  # SQS: the whole event as the body
-                        value = envelope.to_structured()
-                        headers = [("content-type", STRUCTURED_CONTENT_TYPE.encode())]
-                    else:
-                        headers, value = envelope.to_binary()
+                    value, headers = transport.encode(envelope)
                     await publisher.publish(
-                        destination, value, key=envelope.id.encode(), headers=headers
+                        transport.jobs, value, key=envelope.id.encode(), headers=headers
                     )
             finally:
                 await publisher.stop()

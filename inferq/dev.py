@@ -18,25 +18,21 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from inferq import devinfo
 from inferq.settings import Settings
 from inferq.supervisor import Backoff, Role, Supervisor
 
+if TYPE_CHECKING:
+    from transports.transport import LocalServer, Transport
+
 log = logging.getLogger("inferq.dev")
 
 DEFAULT_API_PORT = 8000
-DEFAULT_KAFKA_PORT = 19092
-DEFAULT_AWS_PORT = 15000
-_LOCAL_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @dataclass(frozen=True)
@@ -45,11 +41,12 @@ class DevOptions:
     free port when the default is taken."""
 
     port: int | None = None
-    kafka_port: int | None = None
     workers: int = 1
-    transport: str = "kafka"
+    transport: str | None = None  # a transport name; None: the settings' (INFERQ_TRANSPORT)
     build_models: bool = True
-    aws_port: int | None = None  # the local moto_server, when AWS_ENDPOINT_URL is not set
+    # the local server's port by the dev option that names it ("--kafka-port": 19093), as
+    # each transport's LocalServerSpec.option says
+    local_ports: Mapping[str, int] = field(default_factory=dict)
     backoff: Backoff = field(default_factory=Backoff)
 
 
@@ -57,30 +54,21 @@ class DevError(Exception):
     """dev cannot start as asked; the message says what to change."""
 
 
-class _LocalServer(Protocol):
-    @property
-    def running(self) -> bool: ...
-
-    @property
-    def pid(self) -> int | None: ...
-
-    @property
-    def log_path(self) -> Path: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
 @dataclass
 class _Bus:
     """What the chosen transport contributes: its local server, the roles' environment."""
 
-    what: str  # "the local broker", for the log
-    server: _LocalServer | None
+    transport: Transport  # pointed at the local server when dev runs one
+    server: LocalServer | None
     env: dict[str, str]
-    banner: list[str]
-    prepare: Callable[[], None]  # topics or queues; again after a local server restart
+
+    @property
+    def what(self) -> str:
+        return self.transport.local.what if self.server is not None else "the bus"
+
+    def prepare(self) -> None:
+        """Topics or queues (and a local claim-check bucket); again after a server restart."""
+        asyncio.run(self.transport.prepare(create=True))
 
 
 def _say(message: str) -> None:
@@ -152,93 +140,33 @@ def control_broker(settings: Settings) -> str:
     return url
 
 
-def _kafka_bus(settings: Settings, options: DevOptions, ports: _Ports) -> _Bus:
-    from inferq.wiring import kafka_config
-    from transports.broker import EmbeddedKafka
-    from transports.kafka import ensure_topics
+def _bus(settings: Settings, options: DevOptions, ports: _Ports) -> _Bus:
+    """The transport, on a local server of dev's own unless the settings name one."""
+    from inferq.wiring import ConfigError, transport_of
 
-    server: EmbeddedKafka | None = None
-    bootstrap = settings.kafka_bootstrap
-    if not bootstrap:
-        port = ports.pick(
-            "the Kafka broker",
-            options.kafka_port or DEFAULT_KAFKA_PORT,
-            required=None if options.kafka_port is None else "--kafka-port",
-        )
-        server = EmbeddedKafka(settings.data_dir / "kafka", port)
-        bootstrap = server.bootstrap
-    resolved = settings.model_copy(update={"kafka_bootstrap": bootstrap})
-
-    def prepare() -> None:
-        topics = {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
-        asyncio.run(ensure_topics(kafka_config(resolved, "dev"), topics))
-
-    where = "local noida-db" if server is not None else "external"
-    return _Bus(
-        what="the local broker",
-        server=server,
-        env={"INFERQ_TRANSPORT": "kafka", "INFERQ_KAFKA_BOOTSTRAP": bootstrap},
-        banner=[
-            f"  Kafka      {bootstrap} ({where})   "
-            f"topics {settings.kafka_topic}, {settings.dlq_topic}"
-        ],
-        prepare=prepare,
-    )
-
-
-def _sqs_bus(settings: Settings, options: DevOptions, ports: _Ports) -> _Bus:
-    from inferq.sqs_wiring import prepare_queues
-    from transports.moto_local import LocalAws
-
-    server: LocalAws | None = None
-    endpoint = settings.aws_endpoint_url
-    env: dict[str, str] = {}
-    if not endpoint:
-        port = ports.pick(
-            "the local SQS/S3 endpoint",
-            options.aws_port or DEFAULT_AWS_PORT,
-            required=None if options.aws_port is None else "--aws-port",
-        )
-        server = LocalAws(settings.data_dir / "aws", port)
-        endpoint = server.endpoint_url
-        for name, value in _LOCAL_CREDENTIALS.items():
-            env[name] = os.environ.get(name, value)
-            os.environ.setdefault(name, value)  # for our own boto3 calls in prepare()
-    resolved = settings.model_copy(update={"aws_endpoint_url": endpoint})
-
-    def prepare() -> None:
-        asyncio.run(prepare_queues(resolved, create=True))
-        if server is not None and settings.s3_bucket:
-            _create_bucket(endpoint, settings.s3_bucket)
-
-    env.update({"INFERQ_TRANSPORT": "sqs", "AWS_ENDPOINT_URL": endpoint})
-    where = "local moto_server" if server is not None else "external"
-    return _Bus(
-        what="the local SQS/S3 endpoint",
-        server=server,
-        env=env,
-        banner=[
-            f"  SQS        {endpoint} ({where})   "
-            f"queues {settings.sqs_queue_name}, {settings.sqs_dlq}"
-        ],
-        prepare=prepare,
-    )
-
-
-def _create_bucket(endpoint: str, bucket: str) -> None:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint)
     try:
-        s3.create_bucket(Bucket=bucket)
-    finally:
-        s3.close()
+        transport = transport_of(settings, options.transport)
+    except ConfigError as exc:
+        raise DevError(str(exc)) from exc
+    server: LocalServer | None = None
+    env: dict[str, str] = {}
+    if transport.address is None:
+        spec = transport.local
+        asked = options.local_ports.get(spec.option)
+        port = ports.pick(
+            spec.what, asked or spec.port, required=None if asked is None else spec.option
+        )
+        server = transport.local_server(settings.data_dir, port)
+        transport = transport.on_local_server(server.address)
+        for name, value in server.environment().items():
+            env[name] = os.environ.get(name, value)
+            os.environ.setdefault(name, value)  # for our own clients in prepare()
+    env.update(transport.environment())
+    return _Bus(transport, server, env)
 
 
 def _roles(settings: Settings, options: DevOptions, bus: _Bus, ports: _Ports) -> list[Role]:
     env = dict(os.environ)
-    if bus.env["INFERQ_TRANSPORT"] == "sqs":
-        env.pop("INFERQ_KAFKA_BOOTSTRAP", None)  # the control plane would republish to Kafka
     env.update(bus.env)
     env.update({"INFERQ_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"})
     api_port = ports.pick(
@@ -287,8 +215,8 @@ def _banner(settings: Settings, roles: list[Role], bus: _Bus, sup: Supervisor) -
         port = _port_of(role, variable)
         where = f"http://127.0.0.1:{port}/metrics" if port else "off"
         _say(f"  {role.name} metrics  {where}")
-    for line in bus.banner:
-        _say(line)
+    where = "local" if bus.server is not None else "external"
+    _say("  " + bus.transport.describe(where))
     _say(f"  job store  {settings.resolved_database_url}")
     _say(f"  models     {settings.resolved_model_repository}")
     _say("  roles      " + ", ".join(f"{name} pid {pid}" for name, pid in pids.items()))
@@ -346,8 +274,7 @@ def _run(settings: Settings, options: DevOptions, signals: dict[str, bool]) -> i
 
     ports = _Ports()
     try:
-        make = _sqs_bus if options.transport == "sqs" else _kafka_bus
-        bus = make(settings, options, ports)
+        bus = _bus(settings, options, ports)
         roles = _roles(settings, options, bus, ports)
     except DevError as exc:
         _say(str(exc))

@@ -9,7 +9,6 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -24,11 +23,13 @@ from inferq.settings import Settings
 from jobstore.errors import StoreUnavailable
 from jobstore.store import JobStore
 from producers.app import ApiConfig, ApiDeps, create_app
-from producers.asyncapi import asyncapi_document, sqs_asyncapi_document
 from producers.autoscale import AutoscalePolicy
 from schemas.contracts import ModelConfig
-from transports.base import Consumer, DepthProbe, Publisher, TransportError
-from transports.kafka import KafkaConfig, KafkaConsumer, KafkaDepth, KafkaPublisher, ensure_topics
+from transports.base import DepthProbe, TransportError
+from transports.blobs import ClaimCheck, S3Blobs
+from transports.kafka import KafkaConfig, KafkaTransport
+from transports.sqs import SqsConfig, SqsTransport
+from transports.transport import Transport
 from webhooks.ssrf import UrlGuard
 from workers.adapters import LoadedModel, load_model
 from workers.loop import Worker, WorkerConfig
@@ -44,19 +45,67 @@ class ConfigError(Exception):
     """The settings cannot work (a required server is not configured, no models, ...)."""
 
 
-def kafka_config(
-    settings: Settings, client_id: str, *, group_instance_id: str | None = None
-) -> KafkaConfig:
-    if not settings.kafka_bootstrap:
-        raise ConfigError(
-            "INFERQ_KAFKA_BOOTSTRAP is not set: point it at a Kafka broker "
-            "(host:port), or run `inferq dev`, which starts an embedded one"
+def _kafka(settings: Settings) -> KafkaTransport:
+    client = None
+    if settings.kafka_bootstrap:
+        client = KafkaConfig(
+            bootstrap=settings.kafka_bootstrap,
+            max_request_size=settings.kafka_max_request_size,
         )
-    return KafkaConfig(
-        bootstrap=settings.kafka_bootstrap,
-        client_id=client_id,
-        group_instance_id=group_instance_id,
-        max_request_size=settings.kafka_max_request_size,
+    return KafkaTransport(
+        client,
+        topic=settings.kafka_topic,
+        partitions=settings.kafka_partitions,
+        group=settings.kafka_group,
+    )
+
+
+def _sqs(settings: Settings) -> SqsTransport:
+    client = SqsConfig(
+        endpoint_url=settings.aws_endpoint_url,
+        visibility_timeout_s=settings.sqs_visibility_timeout_s,
+        wait_time_s=settings.sqs_wait_time_s,
+        max_receive_count=settings.sqs_max_receive_count,
+        max_message_bytes=settings.sqs_max_message_bytes,
+    )
+    return SqsTransport(
+        client,
+        queue=settings.sqs_queue_name,
+        create_queues=settings.sqs_create_queues,
+        bucket=settings.s3_bucket,
+    )
+
+
+# the transports a role can run on, by their INFERQ_TRANSPORT name (the in-memory one has no
+# server: unit tests build it themselves); adding a transport adds a line here
+TRANSPORTS: dict[str, Callable[[Settings], Transport]] = {"kafka": _kafka, "sqs": _sqs}
+
+
+def transport_of(settings: Settings, name: str | None = None) -> Transport:
+    """The transport object of the settings (``name``: another one, e.g. a CLI option's)."""
+    chosen = name or settings.transport
+    try:
+        build = TRANSPORTS[chosen]
+    except KeyError:
+        raise ConfigError(
+            f"unknown transport {chosen!r}; one of: {', '.join(sorted(TRANSPORTS))}"
+        ) from None
+    return build(settings)
+
+
+def claim_check(settings: Settings) -> ClaimCheck | None:
+    """The S3 claim-check, when a bucket to write to or buckets to read from are configured."""
+    if not settings.allowed_buckets:
+        return None
+    return ClaimCheck(
+        blobs=S3Blobs(endpoint_url=settings.aws_endpoint_url),
+        bucket=settings.s3_bucket,
+        prefix=settings.s3_prefix,
+        allowed_buckets=settings.allowed_buckets,
+        inline_input_max_bytes=settings.inline_input_max_bytes,
+        inline_result_max_bytes=settings.inline_result_max_bytes,
+        input_url_max_bytes=settings.input_url_max_bytes,
+        presign_ttl_s=settings.s3_presign_ttl_s,
     )
 
 
@@ -86,78 +135,48 @@ def url_guard(settings: Settings) -> UrlGuard:
     )
 
 
-def job_publisher(settings: Settings, client_id: str) -> tuple[Publisher, str, bool]:
-    """(publisher, jobs destination, structured events?) of the configured transport, for
-    roles that put jobs back on the bus (the control plane's requeue)."""
-    if settings.transport == "sqs":
-        from inferq.sqs_wiring import sqs_config
-        from transports.sqs import SqsPublisher
-
-        return SqsPublisher(sqs_config(settings)), settings.sqs_queue_name, True
-    return KafkaPublisher(kafka_config(settings, client_id)), settings.kafka_topic, False
-
-
 def model_configs(settings: Settings) -> list[ModelConfig]:
     return ModelRepository(settings.resolved_model_repository).configs()
 
 
-def _api_bus(
-    settings: Settings,
-) -> tuple[Publisher, str, dict[str, Any] | None, DepthProbe]:
-    """(publisher, destination, AsyncAPI document, depth probe) for the transport."""
-    if settings.transport == "sqs":
-        from inferq.sqs_wiring import QueueSetupError, prepare_queues_sync, sqs_config
-        from transports.sqs import SqsPublisher
-
-        try:
-            prepare_queues_sync(settings)
-        except (QueueSetupError, TransportError) as exc:
-            raise ConfigError(str(exc)) from exc
-        from transports.sqs import SqsDepth
-
-        sqs = sqs_config(settings)
-        queue = settings.sqs_queue_name
-        doc = sqs_asyncapi_document(queue, settings.sqs_dlq, settings.aws_endpoint_url)
-        return SqsPublisher(sqs), queue, doc, SqsDepth(sqs, queue)
-    config = kafka_config(settings, client_id="inferq-api")
-    doc = asyncapi_document(
-        settings.kafka_bootstrap or "",
-        settings.kafka_topic,
-        settings.dlq_topic,
-        settings.kafka_group,
-    )
-    depth = KafkaDepth(config, settings.kafka_topic, settings.kafka_group)
-    return KafkaPublisher(config), settings.kafka_topic, doc, depth
+def _ready(transport: Transport) -> None:
+    """ConfigError, saying what to set, while the transport cannot connect."""
+    if transport.missing is not None:
+        raise ConfigError(transport.missing)
 
 
 def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
+    transport = transport_of(settings)
+    _ready(transport)
+    try:
+        asyncio.run(transport.prepare_publisher())
+    except TransportError as exc:
+        raise ConfigError(str(exc)) from exc
     store = open_store(settings)
-    publisher, destination, doc, depth = _api_bus(settings)
+    destination = transport.jobs
     repo = ModelRepository(settings.resolved_model_repository)
     cached = repo.configs()
     if not cached:
         log.warning("no models in %s: run `inferq models build`", repo.root)
-    from inferq.sqs_wiring import claim_check
-
     blobs = claim_check(settings)
     deps = ApiDeps(
         claim_check=blobs,
         store=store,
-        publisher=publisher,
+        publisher=transport.publisher("inferq-api"),
+        encode=transport.encode,
         models=lambda: cached,
         config=ApiConfig(
             topic=destination,
-            structured_events=settings.transport == "sqs",
             max_backlog=settings.max_backlog,
             max_backlog_per_model=settings.max_backlog_per_model,
             max_body_bytes=settings.max_body_bytes,
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
-            asyncapi=doc,
+            asyncapi=transport.asyncapi(),
         ),
         registry=registry or CollectorRegistry(),
-        depth=depth,
-        autoscale=autoscale_policy(settings),
+        depth=transport.depth("inferq-api"),
+        autoscale=autoscale_policy(settings, transport),
         webhook_guard=url_guard(settings),
     )
     app = create_app(deps)
@@ -184,14 +203,14 @@ def load_models(settings: Settings) -> dict[tuple[str, str], LoadedModel]:
     return {c.key: load_model(repo, c, providers, settings.inference_threads) for c in configs}
 
 
-def autoscale_policy(settings: Settings) -> AutoscalePolicy:
+def autoscale_policy(settings: Settings, transport: Transport) -> AutoscalePolicy:
     return AutoscalePolicy(
         target_drain_s=settings.autoscale_target_drain_s,
         min_workers=settings.autoscale_min_workers,
         max_workers=settings.autoscale_max_workers,
         scale_down_delay_s=settings.autoscale_scale_down_delay_s,
         # a consumer group never uses more consumers than the topic has partitions
-        max_partitions=settings.kafka_partitions,
+        max_partitions=transport.capabilities.max_consumers,
     )
 
 
@@ -215,11 +234,20 @@ async def run_worker(
     for (name, version), model in models.items():
         log.info("model %s/%s on %s", name, version, model.provider)
     wid = worker_id(settings)
-    consumer, publisher, depth, dlq = await _worker_bus(settings, wid)
+    transport = transport_of(settings)
+    _ready(transport)
+    try:
+        await transport.prepare()
+    except TransportError as exc:
+        raise ConfigError(str(exc)) from exc
+    caps = transport.capabilities
+    client_id = f"inferq-worker-{wid}"
+    # a stable, configured worker id makes the worker a static group member
+    consumer = transport.consumer(client_id, member=settings.worker_id)
+    publisher = transport.publisher(client_id)
+    depth = transport.depth(client_id)
     await publisher.start()
     letters = DeadLetterStore(store.engine)
-    from inferq.sqs_wiring import claim_check
-
     blobs = claim_check(settings)
     worker = Worker(
         claim_check=blobs,
@@ -228,7 +256,7 @@ async def run_worker(
         models=models,
         dead_letters=DeadLetterRouter(
             publisher,
-            dlq,
+            transport.dead_letters,
             record=letters.add,
             offload=blobs,
             head_bytes=settings.dlq_head_bytes,
@@ -241,19 +269,20 @@ async def run_worker(
             lease_s=settings.worker_lease_s,
             heartbeat_interval_s=settings.worker_heartbeat_s,
             depth_interval_s=settings.worker_heartbeat_s,
-            # SQS: long polls, and a final attempt before the redrive policy would take over
-            fetch_timeout_s=settings.sqs_wait_time_s if settings.transport == "sqs" else 0.1,
-            max_deliveries=settings.sqs_max_receive_count if settings.transport == "sqs" else None,
+            fetch_timeout_s=caps.fetch_timeout_s,
+            max_deliveries=caps.max_deliveries,
+            redelivers=caps.redelivers_itself,
         ),
         depth=depth,
         retry=retry_policy(settings),
-        # SQS retries with the visibility timeout (nack); Kafka through the store's pump
+        # a transport that redelivers by itself retries with nack (SQS: visibility timeout);
+        # elsewhere retries wait in the store and its pump publishes them again
         retry_pump=None
-        if settings.transport == "sqs"
+        if caps.redelivers_itself
         else RetryPump(
             store,
             publisher,
-            settings.kafka_topic,
+            transport.jobs,
             backlog=_backlog(depth),
             stranded_after_s=max(settings.stranded_after_s, 2 * settings.publish_timeout_s),
         ),
@@ -273,31 +302,6 @@ def _backlog(depth: DepthProbe) -> Callable[[], Awaitable[int]]:
         return (await depth.depth()).backlog
 
     return backlog
-
-
-async def _worker_bus(settings: Settings, wid: str) -> tuple[Consumer, Publisher, DepthProbe, str]:
-    """(consumer, dead-letter publisher, depth probe, dead-letter destination)."""
-    if settings.transport == "sqs":
-        from inferq.sqs_wiring import QueueSetupError, prepare_queues, sqs_config
-        from transports.sqs import SqsConsumer, SqsDepth, SqsPublisher
-
-        try:
-            await prepare_queues(settings)
-        except (QueueSetupError, TransportError) as exc:
-            raise ConfigError(str(exc)) from exc
-        sqs = sqs_config(settings)
-        queue = settings.sqs_queue_name
-        return SqsConsumer(sqs, queue), SqsPublisher(sqs), SqsDepth(sqs, queue), settings.sqs_dlq
-    # a stable, configured worker id makes the worker a static group member
-    config = kafka_config(
-        settings, client_id=f"inferq-worker-{wid}", group_instance_id=settings.worker_id
-    )
-    await ensure_topics(
-        config, {settings.kafka_topic: settings.kafka_partitions, settings.dlq_topic: 1}
-    )
-    depth = KafkaDepth(config, settings.kafka_topic, settings.kafka_group)
-    consumer = KafkaConsumer(config, settings.kafka_topic, settings.kafka_group)
-    return consumer, KafkaPublisher(config), depth, settings.dlq_topic
 
 
 def default_models_dir(settings: Settings) -> Path:

@@ -33,8 +33,10 @@ from producers.routes.system import system_router
 from producers.state import ApiState
 from producers.submission import SubmissionService, new_job_id
 from schemas.contracts import ModelConfig
+from schemas.envelope import JobEnvelope
 from transports.base import DepthProbe, Publisher
 from transports.blobs import ClaimCheck
+from transports.transport import Encoded
 from webhooks.routes import webhook_router
 from webhooks.ssrf import UrlGuard
 
@@ -52,7 +54,6 @@ class ApiConfig:
     publish_timeout_s: float = 10.0
     backlog_cache_s: float = 0.25
     asyncapi: dict[str, Any] | None = None
-    structured_events: bool = False  # publish structured CloudEvents (SQS) instead of binary
     store_retry_after_s: int = 2  # Retry-After of a 503 store_unavailable
     readiness_timeout_s: float = 3.0  # the most one /readyz check may take
 
@@ -69,6 +70,8 @@ class ApiDeps:
     autoscale: AutoscalePolicy = field(default_factory=AutoscalePolicy)
     claim_check: ClaimCheck | None = None  # S3 for large inputs and results; None: inline only
     webhook_guard: UrlGuard = field(default_factory=UrlGuard)  # SSRF: no private targets
+    # how a job's CloudEvent travels: the transport's ``encode``; None: binary mode
+    encode: Callable[[JobEnvelope], Encoded] | None = None
 
 
 def create_app(deps: ApiDeps) -> FastAPI:
@@ -78,7 +81,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         deps.config.topic,
         attempts=deps.config.publish_attempts,
         timeout_s=deps.config.publish_timeout_s,
-        structured=deps.config.structured_events,
+        encode=deps.encode,
     )
     monitor = BacklogMonitor(
         deps.store,

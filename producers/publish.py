@@ -15,8 +15,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from schemas.envelope import STRUCTURED_CONTENT_TYPE, JobEnvelope
+from schemas.envelope import JobEnvelope
 from transports.base import Publisher, TransportError
+from transports.transport import Encoded, encode_event
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,18 @@ class JobPublisher:
         *,
         attempts: int = 4,
         timeout_s: float = 10.0,
-        structured: bool = False,
+        encode: Callable[[JobEnvelope], Encoded] | None = None,
     ) -> None:
         self.publisher = publisher
-        self.structured = structured
+        # the transport's CloudEvents mode (binary headers, or the event as the body)
+        self.encode = encode or _binary
         self.topic = topic
         self.attempts = attempts
         self.timeout_s = timeout_s
         self.retries = 0
 
     async def publish(self, envelope: JobEnvelope) -> None:
-        if self.structured:  # SQS: the whole event as the body
-            headers: list[tuple[str, bytes]] = [("content-type", STRUCTURED_CONTENT_TYPE.encode())]
-            value = envelope.to_structured()
-        else:  # Kafka binary mode: the data as the value, the attributes as ce_* headers
-            headers, value = envelope.to_binary()
+        value, headers = self.encode(envelope)
         per_try = max(self.timeout_s / self.attempts, 0.5)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.timeout_s),
@@ -75,3 +73,7 @@ class JobPublisher:
         except (TransportError, TimeoutError) as exc:
             log.error("publish of job %s failed: %r", envelope.id, exc)
             raise PublishUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+def _binary(envelope: JobEnvelope) -> Encoded:
+    return encode_event(envelope, structured=False)

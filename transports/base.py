@@ -1,4 +1,8 @@
-"""The narrow ports every transport implements: publish, consume, depth."""
+"""The narrow ports every transport implements: publish, consume, depth.
+
+A transport builds them (``transports/transport.py``); what differs between transports is
+said by its ``Capabilities``, never found out by ``isinstance``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ Headers = Sequence[tuple[str, bytes]]
 
 class TransportError(Exception):
     """The bus could not do what was asked (unreachable, timed out, refused)."""
+
+
+class NotConfigured(TransportError):
+    """The transport cannot connect until its server is configured; says what to set."""
 
 
 class PublishError(TransportError):
@@ -98,13 +106,11 @@ class Consumer(Protocol):
         """Make the acknowledged messages durable (Kafka: contiguous offsets per partition)."""
         ...
 
-
-@runtime_checkable
-class Redelivering(Protocol):
-    """A consumer that can hand one message back for a later attempt (SQS: visibility)."""
-
     async def nack(self, delivery: Delivery, delay_s: float = 0.0) -> None:
-        """Redeliver ``delivery`` after ``delay_s``; it is no longer held by this consumer."""
+        """Redeliver ``delivery`` after ``delay_s``; it is no longer held by this consumer.
+
+        Only where the transport's ``Capabilities.redelivers_itself`` (SQS: the visibility
+        timeout); elsewhere it raises TransportError and retries wait in the job store."""
         ...
 
 

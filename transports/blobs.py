@@ -93,6 +93,16 @@ class S3Blobs:
     def close(self) -> None:
         self._s3.close()
 
+    async def create_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` where missing (dev's local endpoint)."""
+        try:
+            await asyncio.to_thread(self._s3.create_bucket, Bucket=bucket)
+        except ClientError as exc:
+            if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise BlobError(f"cannot create bucket {bucket!r}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise BlobError(f"cannot create bucket {bucket!r}: {exc}") from exc
+
     async def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         try:
             await asyncio.to_thread(

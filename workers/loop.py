@@ -34,7 +34,7 @@ from schemas.contracts import ContractViolation, ModelConfig, resolve_version, v
 from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
 from schemas.errors import ErrorCode
 from schemas.jobs import JobStatus
-from transports.base import Consumer, Delivery, DepthProbe, Redelivering
+from transports.base import Consumer, Delivery, DepthProbe
 from transports.blobs import BlobError, BlobNotFound, BlobTooLarge, ClaimCheck
 from workers import storing
 from workers.adapters import LoadedModel
@@ -61,6 +61,9 @@ class WorkerConfig:
     # is retried with backoff until the ``max_deliveries``-th receive, which is final; a
     # message received more often than that (no redrive policy) is dead-lettered unrun.
     max_deliveries: int | None = None
+    # the transport's Capabilities.redelivers_itself: retries are handed back with
+    # ``consumer.nack`` (SQS) instead of waiting in the store for the retry pump (Kafka)
+    redelivers: bool = False
 
 
 @dataclass
@@ -341,12 +344,12 @@ class Worker:
     ) -> None:
         """Retry a job whose input cannot be read for now, with the retry policy's backoff,
         then dead-letter it; the message is always settled, so no commit waits on S3."""
-        if isinstance(self.consumer, Redelivering):
+        if self.config.redelivers:
             attempt = delivery.receive_count
         else:
             attempt = _input_attempts(delivery) + 1
         if attempt >= self.retry.max_attempts or (
-            self.retry_pump is None and not isinstance(self.consumer, Redelivering)
+            self.retry_pump is None and not self.config.redelivers
         ):
             msg = f"input_url {url} could not be read ({attempt} attempts): {exc}"
             await self._poison(
@@ -356,7 +359,7 @@ class Worker:
         delay = self.retry.delay_s(attempt)
         log.warning("cannot read %s (attempt %d), retrying in %.1fs: %s", url, attempt, delay, exc)
         self.metrics.retries.labels(envelope.data.model, ErrorCode.INPUT_UNAVAILABLE.value).inc()
-        if isinstance(self.consumer, Redelivering):
+        if self.config.redelivers:
             await self.consumer.nack(delivery, delay)
             return
         task = asyncio.create_task(self._republish_later(delivery, delay, attempt))
@@ -505,7 +508,7 @@ class Worker:
                 delay = self._retry_delay(item, o)
                 if delay is None:
                     final.append(o)
-                elif isinstance(self.consumer, Redelivering):
+                elif self.config.redelivers:
                     redeliver[o.job_id] = delay
                 else:
                     retry_at = datetime.now(UTC) + timedelta(seconds=delay)
@@ -575,7 +578,6 @@ class Worker:
         return self.retry.delay_s(outcome.attempt)
 
     async def _retry_later(self, item: WorkItem, delay_s: float) -> None:
-        assert isinstance(self.consumer, Redelivering)
         log.info(
             "job %s failed retryably (receive %d); retrying in %.1fs",
             item.record.id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from transports.base import Delivery, Headers, PublishError, QueueDepth
+from transports.base import Delivery, Headers, PublishError, QueueDepth, TransportError
 from transports.offsets import OffsetTracker
 
 
@@ -96,6 +96,11 @@ class MemoryConsumer:
         if 0 in offsets:
             self.broker.topic(self.source).committed[self.group] = offsets[0]
         self._tracker.mark_committed(offsets)
+
+    async def nack(self, delivery: Delivery, delay_s: float = 0.0) -> None:
+        """The twin is Kafka's: no message is handed back on its own (retries go through
+        the store)."""
+        raise TransportError("the in-memory consumer cannot redeliver one message")
 
     async def depth(self) -> QueueDepth:
         topic = self.broker.topic(self.source)
