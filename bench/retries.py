@@ -29,8 +29,8 @@ from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
 from schemas.contracts import TensorInput
 from schemas.jobs import JobStatus
-from transports.broker import EmbeddedKafka, free_port
 from transports.kafka import (
+    EmbeddedKafka,
     KafkaConfig,
     KafkaConsumer,
     KafkaDepth,
@@ -38,6 +38,7 @@ from transports.kafka import (
     Outgoing,
     ensure_topics,
 )
+from transports.local_process import free_port
 from workers.adapters import LoadedModel, load_model
 from workers.errors import InferenceError
 from workers.loop import Worker, WorkerConfig

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     code = 0
     try:
-        from transports.broker import EmbeddedKafka
+        from transports.kafka import EmbeddedKafka
 
         models = model_repository()
         broker = EmbeddedKafka(root / "broker", free_port())

@@ -29,10 +29,16 @@ from dlq.router import DeadLetterRouter
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
 from transports.base import Consumer, Publisher
-from transports.broker import EmbeddedKafka, free_port
-from transports.kafka import KafkaConfig, KafkaConsumer, KafkaPublisher, Outgoing, ensure_topics
-from transports.moto_local import LocalAws
-from transports.sqs import SqsConfig, SqsConsumer, SqsPublisher, ensure_queues
+from transports.kafka import (
+    EmbeddedKafka,
+    KafkaConfig,
+    KafkaConsumer,
+    KafkaPublisher,
+    Outgoing,
+    ensure_topics,
+)
+from transports.local_process import free_port
+from transports.sqs import LocalAws, SqsConfig, SqsConsumer, SqsPublisher, ensure_queues
 from workers.adapters import load_model
 from workers.loop import Worker, WorkerConfig
 from workers.metrics import WorkerMetrics
@@ -72,6 +78,7 @@ async def _measure(
     dlq_publisher: Publisher,
     dlq: str,
     fetch_timeout_s: float,
+    redelivers: bool = False,
 ) -> Sample:
     repo = ModelRepository(models_dir)
     [config] = [c for c in repo.configs() if c.name == "identity"]
@@ -85,7 +92,9 @@ async def _measure(
         models={config.key: model},
         dead_letters=DeadLetterRouter(dlq_publisher, dlq),
         metrics=WorkerMetrics(CollectorRegistry()),
-        config=WorkerConfig(worker_id=f"bench-{name}", fetch_timeout_s=fetch_timeout_s),
+        config=WorkerConfig(
+            worker_id=f"bench-{name}", fetch_timeout_s=fetch_timeout_s, redelivers=redelivers
+        ),
     )
     stop = asyncio.Event()
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -160,6 +169,7 @@ async def _sqs(n: int, models_dir: Path, workdir: Path, prefix: str) -> Sample:
             SqsPublisher(config),
             f"{queue}-dlq",
             1.0,
+            redelivers=True,  # SqsTransport's capabilities: nack, not the store's pump
         )
     finally:
         await asyncio.to_thread(server.stop)

@@ -18,10 +18,9 @@ from sqlalchemy.pool import NullPool
 from jobstore.store import normalise_url
 from tests.local_servers import LocalPostgres, LocalRedis, ServerUnavailable
 from transports.base import TransportError
-from transports.broker import EmbeddedKafka, free_port
-from transports.kafka import KafkaConfig, ensure_topics
-from transports.moto_local import LocalAws
-from transports.sqs import SqsConfig, delete_queues, dlq_name, ensure_queues
+from transports.kafka import EmbeddedKafka, KafkaConfig, ensure_topics
+from transports.local_process import free_port
+from transports.sqs import LocalAws, SqsConfig, delete_queues, dlq_name, ensure_queues
 
 
 def unavailable(message: str) -> None:

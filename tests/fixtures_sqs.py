@@ -110,6 +110,7 @@ class SqsHarness:
                 worker_id="sqs-test",
                 fetch_timeout_s=1,
                 max_deliveries=self.config.max_receive_count,
+                redelivers=True,  # as SqsTransport's capabilities say
                 **overrides,
             ),
             retry=RetryPolicy(

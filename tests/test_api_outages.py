@@ -21,8 +21,7 @@ from aiokafka import AIOKafkaConsumer
 
 from tests.local_servers import LocalPostgres
 from tests.procs import Stack, free_port, wait_for
-from transports.broker import EmbeddedKafka
-from transports.kafka import KafkaConfig, ensure_topics
+from transports.kafka import EmbeddedKafka, KafkaConfig, ensure_topics
 
 JOB = {"model": "identity", "input": {"tensor": [1.0, 2.0]}}
 BROKER_OUTAGE_S = 15.0  # as in the report of issue 8

@@ -40,7 +40,7 @@ from tests.bus_client import (
     read_all,
 )
 from tests.procs import Stack, wait_for
-from transports.broker import EmbeddedKafka
+from transports.kafka import EmbeddedKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 

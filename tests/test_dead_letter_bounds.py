@@ -67,7 +67,9 @@ async def _run(harness: SqsHarness, claim_check: ClaimCheck | None, ids: list[st
         ),
         metrics=WorkerMetrics(CollectorRegistry()),
         claim_check=claim_check,
-        config=WorkerConfig(worker_id="sqs-size", fetch_timeout_s=1, max_deliveries=5),
+        config=WorkerConfig(
+            worker_id="sqs-size", fetch_timeout_s=1, max_deliveries=5, redelivers=True
+        ),
     )
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))

@@ -26,8 +26,13 @@ from dlq.store import DeadLetterFilter, DeadLetterStore
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
 from tests.procs import Stack, wait_for
-from transports.broker import EmbeddedKafka
-from transports.kafka import KafkaConfig, KafkaConsumer, KafkaPublisher, ensure_topics
+from transports.kafka import (
+    EmbeddedKafka,
+    KafkaConfig,
+    KafkaConsumer,
+    KafkaPublisher,
+    ensure_topics,
+)
 from workers.adapters import LoadedModel, load_model
 from workers.loop import Worker, WorkerConfig
 from workers.metrics import WorkerMetrics

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
 from tests.procs import Stack, wait_for
-from transports.broker import EmbeddedKafka
+from transports.kafka import EmbeddedKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from jobstore.store import JobStore
 from producers.client import InferqClient, InferqError
 from schemas.jobs import JobStatus
 from tests.procs import Stack, free_port, wait_for
-from transports.broker import EmbeddedKafka
+from transports.kafka import EmbeddedKafka
 
 pytestmark = pytest.mark.kafka
 

@@ -38,8 +38,7 @@ from tests.local_servers import LocalPostgres, LocalRedis
 from tests.procs import Stack, free_port, wait_for
 from tests.test_webhooks_celery import Control
 from tests.webhook_receiver import Receiver
-from transports.broker import EmbeddedKafka
-from transports.kafka import KafkaConfig, ensure_topics
+from transports.kafka import EmbeddedKafka, KafkaConfig, ensure_topics
 from webhooks.signing import generate_secret
 
 pytestmark = pytest.mark.slow

@@ -30,7 +30,7 @@ from dlq.store import DeadLetterStore
 from jobstore.store import JobStore
 from tests.procs import Stack
 from transports.base import Delivery
-from transports.broker import EmbeddedKafka
+from transports.kafka import EmbeddedKafka
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.kafka]
 

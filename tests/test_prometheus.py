@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.procs import Stack, free_port, wait_for
-from transports.broker import EmbeddedKafka
+from transports.kafka import EmbeddedKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

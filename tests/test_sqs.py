@@ -23,7 +23,7 @@ from transports.sqs import (
     dlq_name,
     ensure_queues,
 )
-from transports.sqs_wire import decode, encode
+from transports.sqs.wire import decode, encode
 
 
 async def _fetch(consumer: SqsConsumer, count: int, within_s: float = 15.0) -> list[Delivery]:

@@ -40,127 +40,52 @@ from transports.base import (
     QueueDepth,
     TransportError,
 )
-from transports.broker import EmbeddedKafka, free_port
 from transports.kafka import (
+    EmbeddedKafka,
     KafkaConfig,
     KafkaConsumer,
     KafkaDepth,
     KafkaPublisher,
+    KafkaTransport,
     Outgoing,
     ensure_topics,
 )
-from transports.memory import MemoryBroker, MemoryConsumer, MemoryPublisher
-from transports.sqs import (
-    SqsConfig,
-    SqsConsumer,
-    SqsDepth,
-    SqsPublisher,
-    delete_queues,
-    dlq_name,
-    ensure_queues,
-)
+from transports.local_process import free_port
+from transports.memory import MemoryTransport
+from transports.sqs import SqsConfig, SqsTransport, delete_queues
+from transports.transport import Transport
 
 KEY = b"one-partition"  # messages whose order a test relies on share this key
+CLIENT = "inferq-test"
+
+RawPublish = Callable[[str, bytes], Awaitable[None]]
 
 
-@dataclass
-class TransportKit:
-    """One transport, one fresh topic, and factories that clean up after the test."""
+@dataclass(frozen=True)
+class Bound:
+    """A transport object on a fresh jobs destination, with what the suite needs beside it."""
 
-    name: str
-    topic: str
-    _publisher: Callable[[], Publisher]
-    _consumer: Callable[[str, str], Consumer]
-    _depth: Callable[[str, str], DepthProbe]
+    transport: Transport
     # a plain client of the bus, not ours: what another service would publish with
-    raw_publish: Callable[[str, bytes], Awaitable[None]]
-    groups: bool = True  # consumer groups with their own positions (Kafka, memory)
-    ordered: bool = True  # one key keeps its order
-    contiguous_commits: bool = True  # False: each acked message is deleted on its own (SQS)
-    position: str = r"\d+@\d+"
-    _started: list[Publisher | Consumer] = field(default_factory=list)
-
-    def order(self, items: list[bytes | None]) -> list[bytes | None]:
-        """Items as the test may compare them: in order where the transport keeps it."""
-        return list(items) if self.ordered else sorted(items, key=lambda v: v or b"")
-
-    async def publisher(self) -> Publisher:
-        publisher = self._publisher()
-        await publisher.start()
-        self._started.append(publisher)
-        return publisher
-
-    async def consumer(self, group: str, topic: str | None = None) -> Consumer:
-        consumer = self._consumer(topic or self.topic, group)
-        await consumer.start()
-        self._started.append(consumer)
-        return consumer
-
-    def depth(self, group: str, topic: str | None = None) -> DepthProbe:
-        return self._depth(topic or self.topic, group)
-
-    async def close(self) -> None:
-        for client in reversed(self._started):
-            await client.stop()
+    raw_publish: RawPublish
+    position: str  # what Delivery.position looks like
+    cleanup: Callable[[], Awaitable[None]] | None = None
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("kafka", marks=pytest.mark.kafka),
-        pytest.param("sqs", marks=pytest.mark.sqs),
-    ]
-)
-def transport_backend(
-    request: pytest.FixtureRequest,
-) -> tuple[str, KafkaConfig | SqsConfig | None]:
-    # resolved here, synchronously, so that memory runs never start a broker
-    if request.param == "kafka":
-        return "kafka", request.getfixturevalue("kafka_config")
-    if request.param == "sqs":
-        return "sqs", request.getfixturevalue("sqs_config")
-    return "memory", None
-
-
-@pytest_asyncio.fixture
-async def transport(
-    transport_backend: tuple[str, KafkaConfig | SqsConfig | None], request: pytest.FixtureRequest
-) -> AsyncIterator[TransportKit]:
-    _name, config = transport_backend
-    cleanup: list[str] = []
-    if isinstance(config, SqsConfig):
-        kit = await _sqs_kit(config, unique_queue_name(request), cleanup)
-    elif isinstance(config, KafkaConfig):
-        kit = await _kafka_kit(config, unique_topic_name(request))
-    else:
-        kit = _memory_kit(unique_topic_name(request))
-    try:
-        yield kit
-    finally:
-        await kit.close()
-        if isinstance(config, SqsConfig):
-            await delete_queues(config, cleanup)
-
-
-def _memory_kit(topic: str) -> TransportKit:
-    broker = MemoryBroker()
+def _memory(request: pytest.FixtureRequest) -> Bound:
+    transport = MemoryTransport(topic=unique_topic_name(request))
+    broker = transport.broker
 
     async def raw(destination: str, value: bytes) -> None:
         broker.topic(destination).messages.append((None, value, {}))
         broker.topic(destination).arrived.set()
 
-    return TransportKit(
-        "memory",
-        topic,
-        lambda: MemoryPublisher(broker),
-        lambda t, g: MemoryConsumer(broker, t, g),
-        lambda t, g: MemoryConsumer(broker, t, g),  # the twin's consumer is its probe
-        raw,
-    )
+    return Bound(transport, raw, r"\d+@\d+")
 
 
-async def _kafka_kit(config: KafkaConfig, topic: str) -> TransportKit:
-    await ensure_topics(config, {topic: 3})
+def _kafka(request: pytest.FixtureRequest) -> Bound:
+    config: KafkaConfig = request.getfixturevalue("kafka_config")
+    transport = KafkaTransport(config, topic=unique_topic_name(request), partitions=3)
 
     async def raw(destination: str, value: bytes) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
@@ -170,19 +95,12 @@ async def _kafka_kit(config: KafkaConfig, topic: str) -> TransportKit:
         finally:
             await producer.stop()
 
-    return TransportKit(
-        "kafka",
-        topic,
-        lambda: KafkaPublisher(config),
-        lambda t, g: KafkaConsumer(config, t, g),
-        lambda t, g: KafkaDepth(config, t, g),
-        raw,
-    )
+    return Bound(transport, raw, r"\d+@\d+")
 
 
-async def _sqs_kit(config: SqsConfig, queue: str, cleanup: list[str]) -> TransportKit:
-    await ensure_queues(config, queue)
-    cleanup += [queue, dlq_name(queue)]
+def _sqs(request: pytest.FixtureRequest) -> Bound:
+    config: SqsConfig = request.getfixturevalue("sqs_config")
+    transport = SqsTransport(config, queue=unique_queue_name(request))
 
     def send(destination: str, value: bytes) -> None:
         sqs = boto3.client("sqs", endpoint_url=config.endpoint_url)
@@ -193,18 +111,99 @@ async def _sqs_kit(config: SqsConfig, queue: str, cleanup: list[str]) -> Transpo
     async def raw(destination: str, value: bytes) -> None:
         await asyncio.to_thread(send, destination, value)
 
-    return TransportKit(
-        "sqs",
-        queue,
-        lambda: SqsPublisher(config),
-        lambda t, g: SqsConsumer(config, t, g),
-        lambda t, g: SqsDepth(config, t, g),
-        raw,
-        groups=False,
-        ordered=False,
-        contiguous_commits=False,
-        position=r"[0-9a-f-]{36}",
-    )
+    async def cleanup() -> None:  # moto scans whole queues: keep them few
+        await delete_queues(config, [transport.jobs, transport.dead_letters])
+
+    return Bound(transport, raw, r"[0-9a-f-]{36}", cleanup)
+
+
+# Every transport the suite runs against: a new one is one line here. Each entry builds its
+# transport object on fresh destinations (resolved synchronously, so that memory runs never
+# start a broker); the tests see only the Transport and its capabilities.
+TRANSPORTS = [
+    pytest.param(_memory, id="memory"),
+    pytest.param(_kafka, id="kafka", marks=pytest.mark.kafka),
+    pytest.param(_sqs, id="sqs", marks=pytest.mark.sqs),
+]
+
+
+@dataclass
+class TransportKit:
+    """One transport, one fresh topic, and factories that clean up after the test."""
+
+    bound: Bound
+    _started: list[Publisher | Consumer] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.bound.transport.name
+
+    @property
+    def topic(self) -> str:
+        return self.bound.transport.jobs
+
+    @property
+    def groups(self) -> bool:
+        """Consumer groups with their own positions (Kafka, memory)."""
+        return self.bound.transport.capabilities.consumer_groups
+
+    @property
+    def ordered(self) -> bool:
+        """One key keeps its order."""
+        return self.bound.transport.capabilities.ordered_partitions
+
+    @property
+    def contiguous_commits(self) -> bool:
+        """False: each acked message is deleted on its own (SQS)."""
+        return self.bound.transport.capabilities.contiguous_commits
+
+    @property
+    def position(self) -> str:
+        return self.bound.position
+
+    async def raw_publish(self, destination: str, value: bytes) -> None:
+        await self.bound.raw_publish(destination, value)
+
+    def order(self, items: list[bytes | None]) -> list[bytes | None]:
+        """Items as the test may compare them: in order where the transport keeps it."""
+        return list(items) if self.ordered else sorted(items, key=lambda v: v or b"")
+
+    async def publisher(self) -> Publisher:
+        publisher = self.bound.transport.publisher(CLIENT)
+        await publisher.start()
+        self._started.append(publisher)
+        return publisher
+
+    async def consumer(self, group: str, topic: str | None = None) -> Consumer:
+        consumer = self.bound.transport.consumer(CLIENT, source=topic, group=group)
+        await consumer.start()
+        self._started.append(consumer)
+        return consumer
+
+    def depth(self, group: str, topic: str | None = None) -> DepthProbe:
+        return self.bound.transport.depth(CLIENT, source=topic, group=group)
+
+    async def close(self) -> None:
+        for client in reversed(self._started):
+            await client.stop()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def bound_transport(request: pytest.FixtureRequest) -> Bound:
+    build: Callable[[pytest.FixtureRequest], Bound] = request.param
+    return build(request)
+
+
+@pytest_asyncio.fixture
+async def transport(bound_transport: Bound) -> AsyncIterator[TransportKit]:
+    await bound_transport.transport.prepare()  # the jobs and dead-letter destinations
+    kit = TransportKit(bound_transport)
+    try:
+        yield kit
+    finally:
+        await kit.close()
+        if bound_transport.cleanup is not None:
+            await bound_transport.cleanup()
 
 
 def _group() -> str:

@@ -25,7 +25,7 @@ from schemas.jobs import JobRequest, JobStatus
 from tests.local_servers import LocalPostgres
 from tests.procs import Stack, free_port, wait_for
 from tests.test_worker import TOPIC, FlakyIdentity, Harness
-from transports.broker import EmbeddedKafka
+from transports.kafka import EmbeddedKafka
 from transports.memory import MemoryBroker, MemoryPublisher
 from workers.adapters import LoadedModel, load_model
 from workers.errors import InferenceError
