@@ -58,7 +58,7 @@ def encode_event(envelope: JobEnvelope, *, structured: bool) -> Encoded:
 class LocalServerSpec:
     """How ``inferq dev`` runs a transport's local server."""
 
-    what: str  # "the local Kafka broker (noida-db)", for the log and the banner
+    what: str  # "the local broker", for the log
     port: int  # its default port (dev takes a free one when it is taken)
     option: str  # the dev option that asks for another port, e.g. "--kafka-port"
 

@@ -17,7 +17,7 @@ from transports.kafka.local import EmbeddedKafka
 from transports.kafka.publisher import KafkaPublisher
 from transports.transport import Capabilities, Encoded, LocalServerSpec, encode_event
 
-LOCAL = LocalServerSpec(what="the local Kafka broker (noida-db)", port=19092, option="--kafka-port")
+LOCAL = LocalServerSpec(what="the local broker", port=19092, option="--kafka-port")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,7 @@ from transports.sqs.publisher import SqsPublisher
 from transports.sqs.queues import check_queues, dlq_name, ensure_queues
 from transports.transport import Capabilities, Encoded, LocalServerSpec, encode_event
 
-LOCAL = LocalServerSpec(
-    what="the local SQS/S3 endpoint (moto_server)", port=15000, option="--aws-port"
-)
+LOCAL = LocalServerSpec(what="the local SQS/S3 endpoint", port=15000, option="--aws-port")
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class SqsTransport:
 
     @property
     def address(self) -> str | None:
-        return self.client.endpoint_url
+        return self.client.endpoint_url or None
 
     @property
     def missing(self) -> str | None:
