@@ -105,7 +105,7 @@ class KafkaTransport:
         return None  # the publisher reconnects by itself; /readyz says when the broker is up
 
     def encode(self, envelope: JobEnvelope) -> Encoded:
-        return encode_event(envelope, structured=False)
+        return encode_event(envelope, structured=self.capabilities.structured_events)
 
     def asyncapi(self) -> dict[str, Any]:
         bootstrap = self.client.bootstrap if self.client is not None else ""

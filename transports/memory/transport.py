@@ -80,7 +80,7 @@ class MemoryTransport:
         return None
 
     def encode(self, envelope: JobEnvelope) -> Encoded:
-        return encode_event(envelope, structured=False)
+        return encode_event(envelope, structured=self.capabilities.structured_events)
 
     def asyncapi(self) -> dict[str, Any]:
         return {

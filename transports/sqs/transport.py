@@ -100,7 +100,7 @@ class SqsTransport:
         await self.prepare()  # a missing queue would fail every publish
 
     def encode(self, envelope: JobEnvelope) -> Encoded:
-        return encode_event(envelope, structured=True)  # the whole event as the body
+        return encode_event(envelope, structured=self.capabilities.structured_events)
 
     def asyncapi(self) -> dict[str, Any]:
         return sqs_asyncapi_document(self.queue, self.dead_letters, self.client.endpoint_url)
