@@ -56,7 +56,8 @@ class Worker(Admission, Outcomes):
                 if deliveries:
                     await self._admit(deliveries)
                     # don't read far ahead of the models: bounded memory, fair redelivery
-                    while len(self._in_flight) > 4 * self.config.fetch_max_records:
+                    limit = 4 * self.config.fetch_max_records
+                    while len(self._in_flight) > limit and not stop.is_set():
                         self._room.clear()
                         await self._room.wait()
         finally:

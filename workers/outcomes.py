@@ -98,6 +98,9 @@ class Outcomes(Redelivery):
             await self._commit()
         finally:
             self._writes.release()
+            # wake the fetch loop even when this write gave up at a stop (the store down):
+            # its jobs stay in flight, and the loop, told to stop, must not wait for room
+            self._room.set()
 
     async def _offload(self, outcome: Outcome) -> Outcome:
         """A result over the inline limit goes to S3; the row keeps a reference to it."""
