@@ -11,6 +11,7 @@ so in the store and answered ``503 publish_unavailable``: no accepted-but-lost j
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from schemas.batch import MAX_BATCH_JOBS, BatchItem
 from schemas.contracts import ModelConfig
 from schemas.errors import ApiError, ErrorCode, ErrorDetail
 from schemas.jobs import JobRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,14 @@ class BulkSubmission:
         for (item, record), result in zip(to_publish, results, strict=True):
             if isinstance(result, ApiError):
                 answers[item.position] = _failed(result, item.position)
+            elif isinstance(result, Exception):
+                # its row is already marked failed (never left queued); the others were
+                # accepted, so the batch must still answer
+                log.error("job %s: publish failed", record.id, exc_info=result)
+                answers[item.position] = _failed(
+                    ApiError(500, ErrorCode.INTERNAL_ERROR, "the job could not be published"),
+                    item.position,
+                )
             elif isinstance(result, BaseException):
                 raise result
             else:
