@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     autoscale_max_workers: int = Field(default=16, ge=1)
     autoscale_scale_down_delay_s: float = Field(default=120.0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_batch_body_bytes: int = Field(default=16_777_216, ge=1024)
     publish_timeout_s: float = Field(default=10.0, gt=0)
     publish_attempts: int = Field(default=4, ge=1)
 

@@ -170,6 +170,7 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
             max_backlog=settings.max_backlog,
             max_backlog_per_model=settings.max_backlog_per_model,
             max_body_bytes=settings.max_body_bytes,
+            max_batch_body_bytes=settings.max_batch_body_bytes,
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
             asyncapi=transport.asyncapi(),

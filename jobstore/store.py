@@ -24,9 +24,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import SQLModel
 
-from jobstore import claims, heartbeats, queries, requeue, sweeps
+from jobstore import claims, creation, heartbeats, queries, requeue, sweeps
 from jobstore.errors import (
     DuplicateJob,
+    IdempotencyConflict,
     IllegalTransition,
     JobNotFound,
     JobStoreError,
@@ -170,6 +171,25 @@ class JobStore:
             # A concurrent create won the unique constraint (key or id): judge against it.
             return self._after_conflict(job, exc), False
         return row_record(values), True
+
+    def create_many(self, jobs: Sequence[NewJob]) -> builtins.list[creation.Created]:
+        """``create`` for each job, in one transaction; per job its ``(record, created)``
+        or the ``IdempotencyConflict`` it met, in order."""
+        keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
+        try:
+            with self._begin(write=True) as conn:
+                plan = creation.plan(jobs, creation.by_keys(conn, keys), utcnow())
+                creation.insert(conn, plan.rows)
+        except IntegrityError:
+            # a concurrent request took a key (or an id) in between: judge each alone
+            return [self._create_judged(job) for job in jobs]
+        return creation.outcomes(jobs, plan)
+
+    def _create_judged(self, job: NewJob) -> creation.Created:
+        try:
+            return self.create(job)
+        except IdempotencyConflict as exc:
+            return exc
 
     def ensure(self, jobs: Sequence[NewJob]) -> builtins.list[str]:
         """Insert the jobs whose id is absent, in one transaction; return the inserted ids.

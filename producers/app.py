@@ -50,6 +50,7 @@ class ApiConfig:
     max_backlog: int = 100_000
     max_backlog_per_model: dict[str, int] = field(default_factory=dict)
     max_body_bytes: int = 1_048_576
+    max_batch_body_bytes: int = 16_777_216  # POST /v1/jobs/batch: up to 1,000 requests
     publish_attempts: int = 4
     publish_timeout_s: float = 10.0
     backlog_cache_s: float = 0.25
@@ -122,7 +123,11 @@ def create_app(deps: ApiDeps) -> FastAPI:
     install_handlers(
         app, store_retry_after_s=deps.config.store_retry_after_s, rejected=metrics.rejected
     )
-    app.add_middleware(BodySizeLimit, max_bytes=deps.config.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=deps.config.max_body_bytes,
+        per_path={"/v1/jobs/batch": deps.config.max_batch_body_bytes},
+    )
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
 
+from schemas.batch import BatchResponse
 from schemas.errors import ErrorResponse
 from schemas.jobs import JobPage, JobResource, JobStatus
 
@@ -51,6 +52,28 @@ class InferqClient:
         return JobResource.model_validate(
             self._call("POST", "/v1/jobs", json=body, headers=headers)
         )
+
+    def submit_many(self, requests: Sequence[Mapping[str, Any]]) -> list[JobResource | InferqError]:
+        """Submit up to 1,000 job requests in one call (``POST /v1/jobs/batch``); each may
+        carry its own ``idempotency_key``. Per request, in order: its job, or the error it
+        got (the others are accepted all the same)."""
+        page = BatchResponse.model_validate(
+            self._call("POST", "/v1/jobs/batch", json={"jobs": [dict(r) for r in requests]})
+        )
+        out: list[JobResource | InferqError] = []
+        for item in page.data:
+            if item.job is not None:
+                out.append(item.job)
+            else:
+                err = item.error
+                assert err is not None  # the API answers each item with a job or an error
+                out.append(InferqError(item.status, err.code.value, err.message, err.field))
+        return out
+
+    def wait_many(self, job_ids: Sequence[str], *, timeout: float = 60.0) -> list[JobResource]:
+        """Block until every job is terminal or ``timeout`` passed; the jobs, in order."""
+        deadline = time.monotonic() + timeout
+        return [self.wait(j, timeout=max(deadline - time.monotonic(), 0.0)) for j in job_ids]
 
     def get(self, job_id: str, *, wait: float = 0) -> JobResource:
         params = {"wait": wait} if wait else {}

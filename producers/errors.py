@@ -68,12 +68,20 @@ NOT_JSON = ErrorDetail(
 def _from_validation(exc: RequestValidationError) -> tuple[int, list[ErrorDetail]]:
     if _not_json(exc):
         return 415, [NOT_JSON]
+    return validation_details(exc.errors(), request=True)
+
+
+def validation_details(
+    errors: Sequence[Any], *, request: bool = False
+) -> tuple[int, list[ErrorDetail]]:
+    """(status, details) of pydantic's errors: 422, or 400 for JSON that does not parse.
+    ``request``: the locations start with where in the request (body, query, ...)."""
     details = []
     status = 422
-    for err in exc.errors():
+    for err in errors:
         loc = [str(p) for p in err.get("loc", ())]
-        where = loc[0] if loc else "body"
-        path = loc[1:] if where in ("body", "query", "path", "header") else loc
+        where = loc[0] if loc and request else "body"
+        path = loc[1:] if request and where in ("body", "query", "path", "header") else loc
         code = _PYDANTIC_CODES.get(err.get("type", ""), ErrorCode.FIELD_INVALID)
         if code is ErrorCode.MALFORMED_JSON:
             status = 400

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from jobstore.errors import IdempotencyConflict
 from jobstore.records import JobRecord, NewJob
-from producers.backpressure import BacklogMonitor
+from producers.backpressure import BacklogMonitor, Snapshot
 from producers.errors import STORE_DOWN
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
+from schemas.batch import IDEMPOTENCY_KEY_PATTERN
 from schemas.contracts import ContractViolation, ModelConfig, resolve_version, validate_input
 from schemas.envelope import new_envelope
 from schemas.errors import ApiError, ErrorCode
@@ -38,7 +39,6 @@ from webhooks.routes import check_webhook_url
 if TYPE_CHECKING:
     from producers.app import ApiDeps
 
-IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 PUBLISH_RETRY_AFTER_S = 2
 
@@ -75,8 +75,7 @@ class SubmissionService:
         record, created = await self._create(body, config, idempotency_key)
         if created:
             await self._publish(record, body)
-            self.metrics.submitted.labels(config.name).inc()
-            self.backlog.accepted(config.name)
+            self.accepted(config.name)
         return Submitted(record.to_resource(), created)
 
     # --- the request ----------------------------------------------------------------------
@@ -138,13 +137,21 @@ class SubmissionService:
         """429 when the backlog, overall or of this model, is at its limit: the queue grows
         in the broker instead of the service falling over, and the client knows when to
         retry."""
-        snap = await self.backlog.current()
+        refusal = self.admission(await self.backlog.current(), model)
+        if refusal is not None:
+            raise refusal
+
+    def admission(
+        self, snap: Snapshot, model: str, *, ahead: int = 0, ahead_of_model: int = 0
+    ) -> ApiError | None:
+        """The 429 for one more job of ``model``, or None; ``ahead`` jobs (of them
+        ``ahead_of_model`` of this model) were admitted in the same request already."""
         limits = self.deps.config
-        checks = [(snap.backlog, limits.max_backlog, "the backlog")]
+        checks = [(snap.backlog + ahead, limits.max_backlog, "the backlog")]
         if model in limits.max_backlog_per_model:
             checks.append(
                 (
-                    snap.model_backlog(model),
+                    snap.model_backlog(model) + ahead_of_model,
                     limits.max_backlog_per_model[model],
                     f"the backlog of model {model!r}",
                 )
@@ -152,7 +159,7 @@ class SubmissionService:
         for backlog, limit, what in checks:
             if backlog >= limit:
                 retry_after = snap.retry_after_s(backlog - limit + 1)
-                raise self._reject(
+                return self._reject(
                     429,
                     ErrorCode.BACKLOG_FULL,
                     f"{what} ({backlog} jobs) is at its limit of {limit}; retry in {retry_after} s",
@@ -160,6 +167,12 @@ class SubmissionService:
                     headers={"Retry-After": str(retry_after)},
                     details={"backlog": backlog, "limit": limit},
                 )
+        return None
+
+    def accepted(self, model: str) -> None:
+        """Count a job the broker acknowledged."""
+        self.metrics.submitted.labels(model).inc()
+        self.backlog.accepted(model)
 
     # --- the row and the publish ----------------------------------------------------------
 
@@ -172,13 +185,16 @@ class SubmissionService:
         try:
             return await asyncio.to_thread(self.deps.store.create, job)
         except IdempotencyConflict as exc:
-            raise self._reject(
-                409,
-                ErrorCode.IDEMPOTENCY_CONFLICT,
-                "this Idempotency-Key was used with a different request body",
-                "Idempotency-Key",
-                details={"job_id": exc.existing.id},
-            ) from exc
+            raise self.conflict(exc) from exc
+
+    def conflict(self, exc: IdempotencyConflict) -> ApiError:
+        return self._reject(
+            409,
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            "this Idempotency-Key was used with a different request body",
+            "Idempotency-Key",
+            details={"job_id": exc.existing.id},
+        )
 
     async def _publish(self, record: JobRecord, body: JobRequest) -> None:
         store = self.deps.store

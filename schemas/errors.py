@@ -38,6 +38,8 @@ class ErrorCode(StrEnum):
     WEBHOOK_ENDPOINT_NOT_DISABLED = "webhook_endpoint_not_disabled"
     # capacity and dependencies
     BACKLOG_FULL = "backlog_full"
+    BATCH_EMPTY = "batch_empty"
+    BATCH_TOO_LARGE = "batch_too_large"
     PUBLISH_UNAVAILABLE = "publish_unavailable"
     STORE_UNAVAILABLE = "store_unavailable"
     # bus messages

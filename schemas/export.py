@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from schemas.batch import BatchRequest, BatchResponse
 from schemas.contracts import ModelConfig, TensorInput, TextEmbeddingInput
 from schemas.dlq import DeadLetterPage, RedriveRequest, RedriveResult
 from schemas.envelope import JobEnvelope
@@ -23,6 +24,8 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "job-request": JobRequest,
     "job-resource": JobResource,
     "job-page": JobPage,
+    "job-batch-request": BatchRequest,
+    "job-batch-response": BatchResponse,
     "job-envelope": JobEnvelope,
     "error-response": ErrorResponse,
     "model-list": ModelList,

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from jobstore.store import JobStore
 from producers.client import InferqClient, InferqError
-from schemas.jobs import JobStatus
+from schemas.jobs import JobResource, JobStatus
 from tests.procs import Stack, free_port, wait_for
 from transports.kafka import EmbeddedKafka
 
@@ -151,6 +151,19 @@ def test_direct_publish_with_a_plain_kafka_producer(stack: Stack) -> None:
         with pytest.raises(InferqError) as info:
             sdk.submit("identity", {"text": "no"})
         assert info.value.code == "invalid_input" and info.value.field == "input.tensor"
+        # bulk: valid requests accepted beside an invalid one, then waited for together
+        answers = sdk.submit_many(
+            [
+                {"model": "identity", "input": {"tensor": [1.0]}},
+                {"model": "identity", "input": {"text": "no"}},
+                {"model": "identity", "input": {"tensor": [2.0]}, "idempotency_key": "sdk-2"},
+            ]
+        )
+        assert isinstance(answers[1], InferqError) and answers[1].field == "jobs[1].input.tensor"
+        accepted = [a for a in answers if isinstance(a, JobResource)]
+        assert len(accepted) == 2
+        finished = sdk.wait_many([a.id for a in accepted], timeout=30)
+        assert [j.result for j in finished] == [{"tensor": [1.0]}, {"tensor": [2.0]}]
 
 
 def _submit_direct(bootstrap: str, topic: str, texts: list[str], prefix: str) -> list[str]:

@@ -71,6 +71,7 @@ class HttpClients:
     """Clients POSTing identity jobs as fast as the API answers; records every 202."""
 
     url: str
+    batch: int = 0  # > 0: POST /v1/jobs/batch with this many jobs per request
     accepted: dict[str, list[float]] = field(default_factory=dict)  # id -> its input
     answers: dict[int, int] = field(default_factory=dict)  # status code -> count
     first_202_after: dict[str, float] = field(default_factory=dict)
@@ -90,23 +91,32 @@ class HttpClients:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self.stop.is_set():
                 with self._lock:
-                    self._n += 1
-                    tensor = [float(self._n), 0.5]
+                    tensors = [[float(self._n + i + 1), 0.5] for i in range(max(self.batch, 1))]
+                    self._n += len(tensors)
+                jobs = [{"model": "identity", "input": {"tensor": t}} for t in tensors]
                 try:
-                    r = client.post(
-                        "/v1/jobs", json={"model": "identity", "input": {"tensor": tensor}}
-                    )
+                    if self.batch:
+                        r = client.post("/v1/jobs/batch", json={"jobs": jobs})
+                    else:
+                        r = client.post("/v1/jobs", json=jobs[0])
                 except httpx.HTTPError as exc:
                     with self._lock:
                         self.errors.append(type(exc).__name__)
                     time.sleep(0.05)
                     continue
+                # a batch answers each job as a single submit would have been answered
+                items = (
+                    [(d["status"], d.get("job")) for d in r.json()["data"]]
+                    if self.batch and r.status_code == 200
+                    else [(r.status_code, r.json() if r.status_code == 202 else None)]
+                )
                 with self._lock:
-                    self.answers[r.status_code] = self.answers.get(r.status_code, 0) + 1
-                    if r.status_code == 202:
-                        self.accepted[r.json()["id"]] = tensor
-                    elif r.status_code >= 500:
-                        time.sleep(0.05)
+                    for (status, job), tensor in zip(items, tensors, strict=False):
+                        self.answers[status] = self.answers.get(status, 0) + 1
+                        if status == 202:
+                            self.accepted[job["id"]] = tensor
+                if any(status >= 500 for status, _ in items):
+                    time.sleep(0.05)
                 time.sleep(0.01)
 
     def halt(self) -> None:
@@ -126,9 +136,12 @@ class HttpClients:
 # loses ~1 s of acknowledged records on kill -9 and reuses their offsets); records the broker
 # dropped after acking (the retry pump's stranded sweep republishes them); and an idle
 # consumer that stopped fetching (tests/test_kafka_idle.py).
+@pytest.mark.parametrize("batch", [0, 25], ids=["single", "bulk"])
 def test_broker_kill_9_and_restart_loses_nothing(
-    tmp_path: Path, model_repo: Path, record_property: Callable[[str, object], None]
+    tmp_path: Path, model_repo: Path, record_property: Callable[[str, object], None], batch: int
 ) -> None:
+    """With ``bulk``, clients submit 25 jobs per request: every job of a batch that the API
+    accepted ends with one outcome, and an item answered 503 never runs."""
     broker = EmbeddedKafka(tmp_path / "broker", free_port())
     broker.start()
     topic = "fault.broker-kill"
@@ -147,7 +160,7 @@ def test_broker_kill_9_and_restart_loses_nothing(
         api, url = stack.api(**timeouts)
         worker = stack.worker("worker-1", **timeouts)
         store = _sqlite_store(stack)
-        clients = HttpClients(url)
+        clients = HttpClients(url, batch=batch)
         clients.start()
         wait_for(lambda: clients.count() >= 60, 60, "jobs accepted before the kill")
         wait_for(
@@ -216,7 +229,8 @@ def test_broker_kill_9_and_restart_loses_nothing(
         )
         rescued = stack.log("worker").count("publishing them again")
         _say(
-            f"broker kill -9: first job completed {recovery:.2f}s after the restart; the API "
+            f"broker kill -9 ({'bulk' if batch else 'single'} submits): first job completed "
+            f"{recovery:.2f}s after the restart; the API "
             f"accepted again after {'never' if api_problem else f'{api_recovery:.2f}s'}; "
             f"{report.summary()}; "
             f"answers {clients.answers}; stranded-job rescues {rescued}"

@@ -11,9 +11,10 @@ from fastapi import APIRouter, Header, Query, Response
 
 from jobstore.errors import IllegalTransition, InvalidCursor, JobNotFound
 from jobstore.records import JobRecord
+from producers.bulk import BulkSubmission
 from producers.limits import JobIdPath
 from producers.state import ApiState, State
-from producers.submission import IDEMPOTENCY_KEY_PATTERN
+from schemas.batch import IDEMPOTENCY_KEY_PATTERN, BatchRequest, BatchResponse
 from schemas.errors import ApiError, ErrorCode, ErrorResponse
 from schemas.jobs import MODEL_NAME_PATTERN, JobPage, JobRequest, JobResource, JobStatus
 
@@ -52,6 +53,22 @@ def jobs_router() -> APIRouter:
             response.status_code = 200
         response.headers["Location"] = f"/v1/jobs/{submitted.job.id}"
         return submitted.job
+
+    @router.post(
+        "/v1/jobs/batch",
+        response_model=BatchResponse,
+        responses={
+            200: {"description": "One answer per item, in request order"},
+            **{s: {"model": ErrorResponse} for s in (400, 413, 422, 503)},
+        },
+        summary="Submit up to 1,000 jobs",
+    )
+    async def submit_batch(body: BatchRequest, st: State) -> BatchResponse:
+        """Each item gets the answer a single submit would have had (202 with the job, 200
+        for an idempotent replay, or its error with the field as `jobs[i].input.text`);
+        valid items are accepted even when others are not. 413 `batch_too_large` over
+        1,000 items, 422 `batch_empty` for none."""
+        return BatchResponse(data=await BulkSubmission(st.submissions).submit(body.jobs))
 
     @router.get("/v1/jobs/{job_id}", response_model=JobResource, responses=ERRORS)
     async def get_job(
