@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from control import tasks
 from control.names import TaskNames
@@ -27,11 +28,15 @@ def make_celery(config: ControlConfig, *, name: str = "inferq-control") -> Celer
         worker_prefetch_multiplier=4,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        # Redis going away mid-command can surface as a channel error (a half-read reply:
-        # InvalidResponse, ResponseError) instead of a connection error; by default only the
-        # latter restart the consumer, and anything else escapes and ends the worker process
-        broker_channel_error_retry=True,
         broker_connection_max_retries=None,  # keep trying for as long as Redis is down
+        # a reply error also restarts the consumer instead of ending the worker: a Redis
+        # failed over to a replica answers READONLY (a ResponseError) until it is promoted
+        broker_channel_error_retry=True,
+        # No pidbox: its pub/sub subscription shares the consumer's channel, and when Redis
+        # dies with that socket failing first while a BRPOP is outstanding and tasks are
+        # unacked, kombu's cleanup raises AttributeError (not a connection error) and the
+        # worker stops for good (issue 8). Nothing here uses `celery inspect` or `control`.
+        worker_enable_remote_control=False,
         task_serializer="json",
         accept_content=["json"],
         timezone="UTC",
@@ -66,8 +71,29 @@ def _beat_schedule(config: ControlConfig) -> dict[str, dict[str, object]]:
 def worker_argv(
     *, concurrency: int = 8, beat: bool = True, loglevel: str = "INFO", extra: Sequence[str] = ()
 ) -> list[str]:
-    """argv for ``app.worker_main``: a threads pool (delivery is I/O) and the embedded beat."""
+    """argv for ``app.worker_main``: a threads pool (delivery is I/O) and the embedded beat.
+
+    Without gossip and mingle: like the pidbox, they are pub/sub consumers on the broker
+    connection, which the control plane does not need (see ``make_celery``)."""
     argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency), "-l", loglevel]
+    argv += ["--without-gossip", "--without-mingle"]
     if beat:
         argv.append("-B")
     return [*argv, *extra]
+
+
+def run_worker(app: Celery, argv: Sequence[str]) -> int:
+    """``app.worker_main(argv)``, returning the worker's exit code, which worker_main drops:
+    a worker stopped by an unrecoverable error would otherwise exit 0, as if asked to."""
+    workers: list[Any] = []
+
+    def started(sender: Any, **_: object) -> None:
+        if getattr(sender, "app", None) is app:
+            workers.append(sender)
+
+    signals.worker_init.connect(started, weak=False)
+    try:
+        app.worker_main(list(argv))
+    finally:
+        signals.worker_init.disconnect(started)
+    return int(workers[-1].exitcode or 0) if workers else 1
