@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery, signals
 
 from control import tasks
+from control.consumer import CONSUMER
 from control.names import TaskNames
 from control.runtime import ControlConfig, ControlRuntime
 
@@ -32,11 +33,8 @@ def make_celery(config: ControlConfig, *, name: str = "inferq-control") -> Celer
         # a reply error also restarts the consumer instead of ending the worker: a Redis
         # failed over to a replica answers READONLY (a ResponseError) until it is promoted
         broker_channel_error_retry=True,
-        # No pidbox: its pub/sub subscription shares the consumer's channel, and when Redis
-        # dies with that socket failing first while a BRPOP is outstanding and tasks are
-        # unacked, kombu's cleanup raises AttributeError (not a connection error) and the
-        # worker stops for good (issue 8). Nothing here uses `celery inspect` or `control`.
-        worker_enable_remote_control=False,
+        # a lost broker connection whose cleanup fails must not stop the worker (issue 8)
+        worker_consumer=CONSUMER,
         task_serializer="json",
         accept_content=["json"],
         timezone="UTC",
@@ -71,12 +69,8 @@ def _beat_schedule(config: ControlConfig) -> dict[str, dict[str, object]]:
 def worker_argv(
     *, concurrency: int = 8, beat: bool = True, loglevel: str = "INFO", extra: Sequence[str] = ()
 ) -> list[str]:
-    """argv for ``app.worker_main``: a threads pool (delivery is I/O) and the embedded beat.
-
-    Without gossip and mingle: like the pidbox, they are pub/sub consumers on the broker
-    connection, which the control plane does not need (see ``make_celery``)."""
+    """argv for ``app.worker_main``: a threads pool (delivery is I/O) and the embedded beat."""
     argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency), "-l", loglevel]
-    argv += ["--without-gossip", "--without-mingle"]
     if beat:
         argv.append("-B")
     return [*argv, *extra]
