@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from control import tasks
+from control.consumer import CONSUMER
 from control.names import TaskNames
 from control.runtime import ControlConfig, ControlRuntime
 
@@ -27,11 +29,12 @@ def make_celery(config: ControlConfig, *, name: str = "inferq-control") -> Celer
         worker_prefetch_multiplier=4,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        # Redis going away mid-command can surface as a channel error (a half-read reply:
-        # InvalidResponse, ResponseError) instead of a connection error; by default only the
-        # latter restart the consumer, and anything else escapes and ends the worker process
-        broker_channel_error_retry=True,
         broker_connection_max_retries=None,  # keep trying for as long as Redis is down
+        # a reply error also restarts the consumer instead of ending the worker: a Redis
+        # failed over to a replica answers READONLY (a ResponseError) until it is promoted
+        broker_channel_error_retry=True,
+        # a lost broker connection whose cleanup fails must not stop the worker (issue 8)
+        worker_consumer=CONSUMER,
         task_serializer="json",
         accept_content=["json"],
         timezone="UTC",
@@ -71,3 +74,20 @@ def worker_argv(
     if beat:
         argv.append("-B")
     return [*argv, *extra]
+
+
+def run_worker(app: Celery, argv: Sequence[str]) -> int:
+    """``app.worker_main(argv)``, returning the worker's exit code, which worker_main drops:
+    a worker stopped by an unrecoverable error would otherwise exit 0, as if asked to."""
+    workers: list[Any] = []
+
+    def started(sender: Any, **_: object) -> None:
+        if getattr(sender, "app", None) is app:
+            workers.append(sender)
+
+    signals.worker_init.connect(started, weak=False)
+    try:
+        app.worker_main(list(argv))
+    finally:
+        signals.worker_init.disconnect(started)
+    return int(workers[-1].exitcode or 0) if workers else 1

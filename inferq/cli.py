@@ -176,7 +176,7 @@ def control(
     """Run the Celery control plane: webhook delivery and sweeps (with beat)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from control.app import make_celery, worker_argv
+    from control.app import make_celery, run_worker, worker_argv
     from inferq.control import control_config, local_broker_url, redis_reachable
 
     found = settings(ctx)
@@ -204,8 +204,10 @@ def control(
         loglevel="INFO" if verbose(ctx) else "WARNING",  # INFO logs every beat tick
         extra=["--hostname", f"inferq-control-{os.getpid()}@%h"],
     )
-    celery.worker_main(argv)
-    return 0
+    code = run_worker(celery, argv)
+    if code:  # Celery's own "Unrecoverable error" traceback is above
+        print(f"inferq control: the Celery worker stopped with exit code {code}", file=sys.stderr)
+    return code
 
 
 # --- models, topics, queues ----------------------------------------------------------------

@@ -3,8 +3,10 @@ HTTP receiver on loopback, every delivery verified with the `standardwebhooks` p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -18,6 +20,8 @@ from jobstore.outbox import WebhookOutbox, webhook_id
 from jobstore.records import NewJob, Outcome, utcnow
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
+from tests.consistency import webhook_consistency
+from tests.local_servers import LocalRedis
 from tests.procs import wait_for
 from tests.webhook_receiver import Receiver
 from webhooks.signing import generate_secret
@@ -266,6 +270,60 @@ def test_local_broker_fallback_without_redis(tmp_path: Path, secret: str, hook: 
         assert "sqla+sqlite" in text and "not reachable" in text
     finally:
         c.stop()
+
+
+def _shutdown_after_pubsub_kill(server: LocalRedis) -> None:
+    """Redis drops its pub/sub clients, then shuts down, in one read of one packet: a consumer
+    sees its pub/sub socket fail first, while its BRPOP is still outstanding."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"CLIENT KILL TYPE pubsub\r\nSHUTDOWN NOSAVE\r\n")
+        with contextlib.suppress(OSError):
+            while sock.recv(4096):
+                pass
+    server.stop()
+
+
+@pytest.mark.timeout(150)  # in flight 60 s, the outage 30 s, deliveries 60 s
+def test_redis_shutdown_with_deliveries_in_flight_keeps_control_running(
+    tmp_path: Path, secret: str
+) -> None:
+    """Issue 8: `inferq control` exited (Celery's "Unrecoverable error: AttributeError("'NoneType'
+    object has no attribute 'hostname'")") when Redis went away while tasks were unacked and
+    the broker connection still carried the pidbox's pub/sub subscription. It must reconnect,
+    and every webhook must still arrive once."""
+    server = LocalRedis(tmp_path / "redis")
+    server.start()
+    hook = Receiver(secret, mode="slow", hang_s=1.0)  # deliveries stay unacked a while
+    hook.start()
+    c = Control(tmp_path, server.url, secret)
+    try:
+        proc = c.start()
+        # fewer than the prefetch limit (4 x 8 threads): all are taken, so the consumer has a
+        # BRPOP outstanding for more while 8 run and 4 wait, none acknowledged
+        ids = c.finish_jobs(hook.url, 12, prefix="rl")
+        wait_for(lambda: hook.requests >= 8, 60, "deliveries in flight", interval=0.05)
+        _shutdown_after_pubsub_kill(server)
+
+        def reconnecting() -> bool:  # the consumer has cleaned up and is retrying
+            assert proc.poll() is None, f"inferq control exited ({proc.returncode})\n{c.log()}"
+            return "Trying again in" in c.log()
+
+        wait_for(reconnecting, 30, "the consumer retrying the broker", interval=0.05)
+        server.start()  # the same port, empty
+        hook.mode = "ok"
+
+        def delivered() -> bool:
+            assert proc.poll() is None, f"inferq control exited ({proc.returncode})\n{c.log()}"
+            return set(hook.ids_by_job()) >= set(ids)
+
+        wait_for(delivered, 60, "every webhook after Redis came back", interval=0.2)
+        wait_for(lambda: set(c.statuses(ids).values()) == {"delivered"}, 30, "rows settled")
+        assert webhook_consistency(c.outbox, list(hook.received), ids) == []
+        assert hook.rejected == []
+    finally:
+        c.stop()
+        hook.stop()
+        server.stop()
 
 
 def _status(store: JobStore, job_id: str) -> JobStatus | None:
