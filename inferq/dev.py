@@ -154,7 +154,9 @@ def _bus(settings: Settings, options: DevOptions, ports: _Ports) -> _Bus:
         spec = transport.local
         asked = options.local_ports.get(spec.option)
         port = ports.pick(
-            spec.what, asked or spec.port, required=None if asked is None else spec.option
+            spec.port_of or spec.what,
+            asked or spec.port,
+            required=None if asked is None else spec.option,
         )
         server = transport.local_server(settings.data_dir, port)
         transport = transport.on_local_server(server.address)

@@ -112,7 +112,7 @@ def _count(store: JobStore, ids: list[str], status: JobStatus) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # progress 90 s, then all jobs 150 s
 def test_kill_9_worker_mid_batch_messages_reappear_and_run_once(stack: Stack) -> None:
-    ids = [f"k9-{i}" for i in range(120)]
+    ids = [f"k9-{i}" for i in range(600)]  # enough that a quiet machine is busy at the kill
     texts = [f"sentence number {i} for the crash test" for i in range(len(ids))]
     _send(
         stack.bootstrap,

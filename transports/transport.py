@@ -61,6 +61,7 @@ class LocalServerSpec:
     what: str  # "the local broker", for the log
     port: int  # its default port (dev takes a free one when it is taken)
     option: str  # the dev option that asks for another port, e.g. "--kafka-port"
+    port_of: str = ""  # whose port, in "port N for ... is in use"; ``what`` when empty
 
 
 class LocalServer(Protocol):

@@ -17,7 +17,9 @@ from transports.kafka.local import EmbeddedKafka
 from transports.kafka.publisher import KafkaPublisher
 from transports.transport import Capabilities, Encoded, LocalServerSpec, encode_event
 
-LOCAL = LocalServerSpec(what="the local broker", port=19092, option="--kafka-port")
+LOCAL = LocalServerSpec(
+    what="the local broker", port=19092, option="--kafka-port", port_of="the Kafka broker"
+)
 
 
 @dataclass(frozen=True)
