@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.local_servers import LocalPostgres
 from tests.procs import Stack, free_port, wait_for
@@ -33,24 +33,32 @@ def _ready(url: str) -> httpx.Response:
 
 
 def _topic_ids(bootstrap: str, topic: str) -> set[str]:
-    """Every CloudEvents id on the topic, read from the start by a groupless consumer."""
+    """Every CloudEvents id on the topic, read from the start to the end offsets taken first
+    (not until a quiet second: a fetch right after a broker restart may come back empty)."""
 
     async def read() -> set[str]:
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-        )
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
         await consumer.start()
         ids: set[str] = set()
         try:
-            while True:
+            await consumer.topics()  # fetches the cluster's metadata, this topic's included
+            partitions = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            assert partitions, f"no partitions of {topic!r}"
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            end = await consumer.end_offsets(partitions)
+            deadline = time.monotonic() + 60
+            while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+                assert time.monotonic() < deadline, f"topic not read to {end} in 60 s"
                 batch = await consumer.getmany(timeout_ms=1000)
-                if not any(batch.values()):
-                    return ids
                 for records in batch.values():
                     for r in records:
                         ids.update(v.decode() for k, v in r.headers if k == "ce_id")
         finally:
             await consumer.stop()
+        return ids
 
     return asyncio.run(read())
 

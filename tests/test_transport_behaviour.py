@@ -719,14 +719,19 @@ async def _publish_eventually(publish: Callable[[], Awaitable[None]]) -> None:
 
 @pytest.mark.kafka
 @pytest.mark.slow
+@pytest.mark.parametrize("idempotent", [False, True], ids=["default", "idempotent"])
 async def test_kafka_publisher_recovers_by_itself_after_a_broker_kill_9(
-    private_broker: EmbeddedKafka,
+    private_broker: EmbeddedKafka, idempotent: bool
 ) -> None:
-    """A broker killed and restarted on its data forgets the producer's sequence numbers and
-    answers OutOfOrderSequenceNumber to every later batch of that producer: the publisher
-    must replace it, and say it cannot publish (check) while the broker is down."""
+    """The publisher publishes again by itself after a broker kill -9 and restart, and says
+    it cannot publish (check) while the broker is down. An idempotent producer meets a broker
+    that forgot its sequence numbers and answers OutOfOrderSequenceNumber to every later
+    batch: the publisher must replace it."""
     config = KafkaConfig(
-        bootstrap=private_broker.bootstrap, client_id="inferq-kill9", delivery_timeout_ms=10_000
+        bootstrap=private_broker.bootstrap,
+        client_id="inferq-kill9",
+        delivery_timeout_ms=10_000,
+        idempotent=idempotent,
     )
     await ensure_topics(config, {"kill9": 3})
     # noida-db may lose a topic created moments before a kill -9 (Apache Kafka does not):

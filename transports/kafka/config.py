@@ -19,7 +19,10 @@ class KafkaConfig:
     max_request_size: int = 1024 * 1024
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     request_timeout_ms: int = 15_000
-    # the most a publish waits for its ack: an idempotent aiokafka producer never expires a
+    # off: an idempotent producer given a producer id that a broker reused after a crash has
+    # its acknowledged records dropped as duplicates (noida-db does); see publisher.py
+    idempotent: bool = False
+    # the most a publish waits for its ack: an aiokafka producer never expires a
     # batch by itself and would wait for a down broker forever
     delivery_timeout_ms: int = 30_000
     # how long KafkaPublisher.stop waits for buffered messages before dropping them

@@ -1,7 +1,11 @@
-"""The Kafka publisher on aiokafka: an idempotent, acks=all producer that replaces itself
-when it can no longer publish.
+"""The Kafka publisher on aiokafka: an acks=all producer that replaces itself when it can
+no longer publish.
 
-Only Apache Kafka semantics are relied on: acks="all" plus idempotence for publishes.
+Publishing is at least once: a publish that timed out may still land, and a retry then
+duplicates it; consumers dedupe by the CloudEvent id. Idempotence (KafkaConfig.idempotent,
+off by default) would only remove duplicates that are harmless anyway, and on a broker that
+reuses producer ids after a crash (noida-db, the embedded default) it drops acknowledged
+records as "duplicates" (tests/test_kafka_broker_crash.py).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def _sender_dead(producer: AIOKafkaProducer) -> bool:
 
 
 class KafkaPublisher:
-    """Publisher port on an idempotent, acks=all producer.
+    """Publisher port on an acks=all producer (idempotent only if configured so).
 
     The producer is replaced by a fresh one when it can no longer publish (a fatal error, or
     its sender task died), and re-created on the next publish when that failed because the
@@ -94,7 +98,7 @@ class KafkaPublisher:
             bootstrap_servers=c.bootstrap,
             client_id=c.client_id,
             acks="all",
-            enable_idempotence=True,
+            enable_idempotence=c.idempotent,
             linger_ms=c.linger_ms,
             max_batch_size=c.max_batch_size,
             max_request_size=c.max_request_size,
