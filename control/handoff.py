@@ -3,7 +3,7 @@
 Without this a committed outcome waits for the dispatch sweep (``dispatch_interval_s``) and
 for the task it fans out: about 380 ms at the median. A role's JobStore calls ``Handoff`` with
 the ids of the outbox rows of each transaction just after it commits; a thread of the handoff
-sends them, a few ids per message, as ``handoff`` tasks to the control plane's queue, whose
+sends them, one id per message by default, as ``handoff`` tasks to the control plane's queue, whose
 worker claims the rows still unclaimed and delivers them in the same task.
 
 The outbox row stays the source of truth: the handoff only says "look now". A message that is
@@ -35,8 +35,10 @@ _LOG_EVERY_S = 60.0
 class Handoff:
     """Non-blocking: ``handoff(ids)`` queues and returns; a thread of its own sends.
 
-    ``chunk`` ids go in one message (one claim transaction and that many deliveries in a row
-    on one control thread), so that a large commit spreads over the control's threads.
+    ``chunk`` ids go in one message: one claim transaction, then that many deliveries in a
+    row on one control thread. One (the default) spreads a commit over all the control's
+    threads, which measured best: the 10 webhooks of a commit arrived in p50 33 ms against
+    69 ms with four per message.
     At most ``max_pending`` ids wait; beyond that they are dropped, for the sweep.
     """
 
@@ -44,7 +46,7 @@ class Handoff:
         self,
         send: Send,
         *,
-        chunk: int = 4,
+        chunk: int = 1,
         max_pending: int = 10_000,
         closing: Callable[[], None] | None = None,
     ) -> None:
@@ -102,7 +104,7 @@ class Handoff:
                 return
             ids = first
             stop = False
-            while len(ids) < 64 * self._chunk:  # what queued up while the last send ran
+            while len(ids) < 256:  # and what queued up while the last send ran
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:

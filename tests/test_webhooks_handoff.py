@@ -71,8 +71,12 @@ def _lags(stack: Stack, hook: Receiver, env: dict[str, str], n: int) -> list[flo
             )
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
+
+            def arrived(job_id: str = job_id) -> bool:
+                return job_id in hook.ids_by_job()
+
             wait_for(
-                lambda job_id=job_id: job_id in hook.ids_by_job(),
+                arrived,
                 90 if i == 0 else 30,
                 f"the webhook of {job_id}\n{stack.log('control')}\n{stack.log('worker')}",
                 interval=0.01,
@@ -82,8 +86,8 @@ def _lags(stack: Stack, hook: Receiver, env: dict[str, str], n: int) -> list[flo
             job = client.get(f"/v1/jobs/{job_id}").json()
             completed = datetime.fromisoformat(job["completed_at"]).timestamp()
             with hook.lock:
-                arrived = min(x.at for x in hook.received if x.job_id == job_id)
-            lags.append(arrived - completed)
+                at = min(x.at for x in hook.received if x.job_id == job_id)
+            lags.append(at - completed)
     return lags
 
 
