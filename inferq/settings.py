@@ -48,6 +48,7 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(default=1, ge=1, le=64)  # processes of `inferq api` on the port
     worker_metrics_port: int = 9400
 
     max_backlog: int = Field(default=100_000, ge=1)

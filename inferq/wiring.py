@@ -158,13 +158,30 @@ def _ready(transport: Transport) -> None:
         raise ConfigError(transport.missing)
 
 
-def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
+def prepare_api(settings: Settings) -> None:
+    """What the API needs in place before it serves: a transport that can connect, its
+    destination, the store's schema. ConfigError says what is missing."""
     transport = transport_of(settings)
     _ready(transport)
     try:
         asyncio.run(transport.prepare_publisher())
     except TransportError as exc:
         raise ConfigError(str(exc)) from exc
+    open_store(settings).close()
+
+
+def build_api(
+    settings: Settings, registry: CollectorRegistry | None = None, *, prepared: bool = False
+) -> FastAPI:
+    """The API app; ``prepared``: ``prepare_api`` ran already (in the parent of several API
+    processes), so this may run inside an event loop."""
+    transport = transport_of(settings)
+    _ready(transport)
+    if not prepared:
+        try:
+            asyncio.run(transport.prepare_publisher())
+        except TransportError as exc:
+            raise ConfigError(str(exc)) from exc
     # its thread (started on the first cancel with a webhook) dies with the process; what it
     # had not sent yet waits for the sweep
     store = open_store(settings, webhook_handoff(settings))
