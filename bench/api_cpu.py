@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             "INFERQ_KAFKA_TOPIC": "bench.api-cpu",
             "INFERQ_DATA_DIR": str(root / "data"),
             "INFERQ_MODEL_REPOSITORY": str(model_repository()),
-            "INFERQ_WEBHOOK_HANDOFF": "false",
         }
         argv_api = ["api", "--port", str(port)]
         if args.workers > 1:
