@@ -19,7 +19,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
+import redis
 from celery import Celery
 
 from control.names import TaskNames
@@ -137,13 +139,35 @@ class Handoff:
             log.warning(message, *args)
 
 
+class ControlBackedUp(Exception):
+    """The control queue holds more than the sender's limit: the control plane is away or
+    behind, and more handoffs would only grow Redis; the sweep will deliver."""
+
+
 class CelerySender:
     """Publishes ``handoff`` tasks onto the control plane's queue; only a producer (no worker,
-    no beat), failing fast while the broker is away instead of retrying: the sweep is there."""
+    no beat), failing fast while the broker is away instead of retrying: the sweep is there.
 
-    def __init__(self, broker_url: str, queue: str, *, expires_s: float = 60.0) -> None:
+    On Redis it looks at the queue's length once a second: while more than ``max_queued``
+    messages wait (no control plane consuming), it sends nothing, so that an absent control
+    plane cannot grow Redis without bound.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        queue: str,
+        *,
+        expires_s: float = 60.0,
+        max_queued: int = 10_000,
+        check_every_s: float = 1.0,
+    ) -> None:
         self._queue = queue
         self._expires_s = expires_s
+        self._max_queued = max_queued
+        self._check_every_s = check_every_s
+        self._checked_at = -check_every_s
+        self._waiting = 0
         self._app = Celery("inferq-handoff", broker=broker_url, set_as_current=False)
         self._app.conf.update(
             task_serializer="json",
@@ -155,8 +179,16 @@ class CelerySender:
                 "socket_timeout": 5.0,
             },
         )
+        self._redis: redis.Redis | None = None
+        if broker_url.startswith(("redis://", "rediss://", "unix://")):
+            self._redis = redis.Redis.from_url(
+                broker_url, socket_connect_timeout=2.0, socket_timeout=5.0
+            )
 
     def __call__(self, ids: list[str]) -> None:
+        waiting = self._queued()
+        if waiting > self._max_queued:
+            raise ControlBackedUp(f"{waiting} messages wait on the control queue {self._queue}")
         # expires: a message older than a claim's lease is worth nothing, the sweep has it
         self._app.send_task(
             TaskNames.HANDOFF,
@@ -165,6 +197,20 @@ class CelerySender:
             expires=self._expires_s,
             retry=False,
         )
+        self._waiting += 1
+
+    def _queued(self) -> int:
+        """The queue's length as of the last look (at most ``check_every_s`` ago), plus
+        what was sent since."""
+        if self._redis is None:
+            return 0
+        now = time.monotonic()
+        if now - self._checked_at >= self._check_every_s:
+            self._checked_at = now
+            self._waiting = int(cast("int", self._redis.llen(self._queue)))
+        return self._waiting
 
     def close(self) -> None:
         self._app.close()
+        if self._redis is not None:
+            self._redis.close()

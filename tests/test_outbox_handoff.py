@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
@@ -197,3 +198,22 @@ def test_celery_sender_fails_fast_without_a_broker() -> None:
     assert time.perf_counter() - started < 0.1
     wait_for(lambda: handoff.dropped == 1, 15, "the send to fail")
     handoff.close()
+
+
+@pytest.mark.redis
+def test_an_absent_control_plane_cannot_grow_redis_without_bound(redis_url: str) -> None:
+    queue = f"test-handoff-{uuid.uuid4().hex[:8]}"
+    sender = CelerySender(redis_url, queue, max_queued=5, check_every_s=60)
+    handoff = Handoff(sender, closing=sender.close)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for i in range(20):
+            handoff([f"msg_{i}"])
+        wait_for(lambda: handoff.sent + handoff.dropped == 20, 15, "every handoff settled")
+        # nothing consumes the queue: it stops at its limit, the rest is left to the sweep
+        assert client.llen(queue) == handoff.sent == 6
+        assert handoff.dropped == 14
+    finally:
+        handoff.close()
+        client.delete(queue)
+        client.close()
