@@ -4,4 +4,5 @@
 class TaskNames:
     DISPATCH = "inferq.webhooks.dispatch"
     DELIVER = "inferq.webhooks.deliver"
+    HANDOFF = "inferq.webhooks.handoff"  # rows just committed: claim and deliver them now
     SWEEP = "inferq.sweeps.run"

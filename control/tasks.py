@@ -3,6 +3,8 @@
 - ``dispatch`` (beat, every ``dispatch_interval_s``): claim due outbox rows (new, retry due,
   or a lapsed claim whose task was lost) and fan them out to ``deliver`` tasks;
 - ``deliver``: one HTTP attempt for one claimed row, recorded whatever happens;
+- ``handoff``: rows a role committed a moment ago (control/handoff.py sends their ids):
+  claim those still unclaimed and deliver them in the same task, without waiting for a tick;
 - ``sweeps`` (beat): expiry, stale-lease requeue, retention purge.
 """
 
@@ -31,6 +33,14 @@ def register(app: Celery, runtime: ControlRuntime) -> None:
     def deliver(delivery_id: str, token: str) -> str | None:
         outcome = runtime.deliverer.deliver(Claimed(delivery_id, token))
         return None if outcome is None else outcome.value
+
+    @app.task(name=TaskNames.HANDOFF, ignore_result=True)
+    def handoff(delivery_ids: list[str]) -> int:
+        # a lost or late message costs only time: the rows wait for the dispatch sweep
+        claimed = runtime.outbox.claim_ids(delivery_ids, lease_s=config.lease_s)
+        for claim in claimed:
+            runtime.deliverer.deliver(claim)
+        return len(claimed)
 
     @app.task(name=TaskNames.DISPATCH, ignore_result=True)
     def dispatch() -> int:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,6 +20,7 @@ from inferq.cli_base import InferqCommand, InferqGroup, settings, verbose
 log = logging.getLogger("inferq")
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+API_FACTORY = "inferq.asgi:create_app"  # what each process of `inferq api --workers N` runs
 
 app = typer.Typer(
     name="inferq",
@@ -104,25 +105,44 @@ def api(
     port: Annotated[
         int | None, typer.Option(metavar="PORT", help="port to listen on (default INFERQ_API_PORT)")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            min=1,
+            help="API processes sharing the port (default INFERQ_API_WORKERS, 1)",
+        ),
+    ] = None,
 ) -> int:
     """Run the HTTP API against external servers."""
     import uvicorn
 
-    from inferq.wiring import ConfigError, build_api
+    from inferq.wiring import ConfigError, build_api, prepare_api
 
     found = settings(ctx)
+    count = workers or found.api_workers
+    # uvloop and httptools: the event loop and HTTP parser in C, named so that a missing one
+    # fails at start instead of falling back to the pure-Python ones
+    server: dict[str, Any] = {
+        "host": host or found.api_host,
+        "port": port or found.api_port,
+        "log_level": "warning",
+        "access_log": False,
+        "loop": "uvloop",
+        "http": "httptools",
+    }
     try:
-        web = build_api(found)
+        if count == 1:
+            uvicorn.run(build_api(found), **server)
+            return 0
+        prepare_api(found)  # once, here: topics and schema before the processes race for them
     except ConfigError as exc:
         print(f"inferq api: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        web,
-        host=host or found.api_host,
-        port=port or found.api_port,
-        log_level="warning",
-        access_log=False,
-    )
+    # each process builds its own app from the settings, which it reads from the environment
+    # it inherits: what --data-dir and a running dev's bus added goes there first
+    os.environ["INFERQ_DATA_DIR"] = str(found.data_dir)
+    uvicorn.run(API_FACTORY, factory=True, workers=count, **server)
     return 0
 
 

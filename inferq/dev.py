@@ -171,6 +171,11 @@ def _roles(settings: Settings, options: DevOptions, bus: _Bus, ports: _Ports) ->
     env = dict(os.environ)
     env.update(bus.env)
     env.update({"INFERQ_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"})
+    broker = control_broker(settings)
+    if broker != settings.redis_url:
+        # the server-less broker is polled: handing webhooks over it would not be faster
+        # than the dispatch sweep, so the sweep alone delivers
+        env["INFERQ_WEBHOOK_HANDOFF"] = "false"
     api_port = ports.pick(
         "the API",
         options.port or DEFAULT_API_PORT,
@@ -193,7 +198,7 @@ def _roles(settings: Settings, options: DevOptions, bus: _Bus, ports: _Ports) ->
         control_port = ports.pick("control metrics", control_port)
     control_env = {
         **env,
-        "INFERQ_REDIS_URL": control_broker(settings),
+        "INFERQ_REDIS_URL": broker,
         "INFERQ_CONTROL_METRICS_PORT": str(control_port),
     }
     roles.append(Role("control", (*argv, "control"), control_env, stage=2))

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(default=1, ge=1, le=64)  # processes of `inferq api` on the port
     worker_metrics_port: int = 9400
 
     max_backlog: int = Field(default=100_000, ge=1)
@@ -94,6 +95,9 @@ class Settings(BaseSettings):
     webhook_max_response_bytes: int = Field(default=65536, ge=0)
     webhook_lease_s: float = Field(default=60.0, gt=0)
     webhook_dispatch_interval_s: float = Field(default=0.5, gt=0)
+    # hand each committed outcome's webhook to the control plane at once (over the Celery
+    # broker, INFERQ_REDIS_URL); off: the dispatch sweep alone delivers (issue 10)
+    webhook_handoff: bool = True
     control_concurrency: int = Field(default=8, ge=1)
     control_queue: str = "inferq-control"
     control_metrics_port: int = 9500  # 0: no metrics endpoint

@@ -15,13 +15,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import OperationalError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from control.handoff import CelerySender, Handoff
 from dlq.http import make_router
 from dlq.redrive import Redriver
 from dlq.router import DeadLetterRouter
 from dlq.store import DeadLetterStore
 from inferq.settings import Settings
 from jobstore.errors import StoreUnavailable
-from jobstore.store import JobStore
+from jobstore.store import JobStore, OutboxListener
 from producers.app import ApiConfig, ApiDeps, create_app
 from producers.autoscale import AutoscalePolicy
 from schemas.contracts import ModelConfig
@@ -109,14 +110,15 @@ def claim_check(settings: Settings) -> ClaimCheck | None:
     )
 
 
-def open_store(settings: Settings) -> JobStore:
+def open_store(settings: Settings, on_outbox: OutboxListener | None = None) -> JobStore:
     """The job store with every table in place (jobs, outbox, dead letters).
 
     Roles start at once and may all create the schema; on SQLite a schema change that
     meets another one fails with "database is locked" instead of waiting, so retry briefly.
+    ``on_outbox``: hears of committed webhook rows (``webhook_handoff``).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(settings.resolved_database_url)
+    store = JobStore(settings.resolved_database_url, on_outbox=on_outbox)
     for attempt in Retrying(
         retry=retry_if_exception_type((StoreUnavailable, OperationalError)),
         wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
@@ -127,6 +129,17 @@ def open_store(settings: Settings) -> JobStore:
             store.create_schema()
             DeadLetterStore(store.engine).create_schema()
     return store
+
+
+def webhook_handoff(settings: Settings) -> Handoff | None:
+    """Hands committed webhook rows to the control plane over its broker, unless turned off
+    (INFERQ_WEBHOOK_HANDOFF=false): then the dispatch sweep alone delivers them."""
+    if not settings.webhook_handoff:
+        return None
+    sender = CelerySender(
+        settings.redis_url, settings.control_queue, expires_s=settings.webhook_lease_s
+    )
+    return Handoff(sender, closing=sender.close)
 
 
 def url_guard(settings: Settings) -> UrlGuard:
@@ -145,14 +158,33 @@ def _ready(transport: Transport) -> None:
         raise ConfigError(transport.missing)
 
 
-def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
+def prepare_api(settings: Settings) -> None:
+    """What the API needs in place before it serves: a transport that can connect, its
+    destination, the store's schema. ConfigError says what is missing."""
     transport = transport_of(settings)
     _ready(transport)
     try:
         asyncio.run(transport.prepare_publisher())
     except TransportError as exc:
         raise ConfigError(str(exc)) from exc
-    store = open_store(settings)
+    open_store(settings).close()
+
+
+def build_api(
+    settings: Settings, registry: CollectorRegistry | None = None, *, prepared: bool = False
+) -> FastAPI:
+    """The API app; ``prepared``: ``prepare_api`` ran already (in the parent of several API
+    processes), so this may run inside an event loop."""
+    transport = transport_of(settings)
+    _ready(transport)
+    if not prepared:
+        try:
+            asyncio.run(transport.prepare_publisher())
+        except TransportError as exc:
+            raise ConfigError(str(exc)) from exc
+    # its thread (started on the first cancel with a webhook) dies with the process; what it
+    # had not sent yet waits for the sweep
+    store = open_store(settings, webhook_handoff(settings))
     destination = transport.jobs
     repo = ModelRepository(settings.resolved_model_repository)
     cached = repo.configs()
@@ -230,7 +262,8 @@ def worker_id(settings: Settings) -> str:
 async def run_worker(
     settings: Settings, stop: asyncio.Event, registry: CollectorRegistry | None = None
 ) -> Worker:
-    store = open_store(settings)
+    handoff = webhook_handoff(settings)
+    store = open_store(settings, handoff)
     models = load_models(settings)
     for (name, version), model in models.items():
         log.info("model %s/%s on %s", name, version, model.provider)
@@ -295,6 +328,8 @@ async def run_worker(
         await depth.stop()
         await publisher.stop()
         store.close()
+        if handoff is not None:
+            await asyncio.to_thread(handoff.close)
     return worker
 
 

@@ -1,8 +1,11 @@
 """The webhook outbox: delivery rows written in the job's own transaction, and their log.
 
 ``enqueue_job_events`` runs inside the JobStore transaction that changes a job's status, so
-a job's outcome and its webhook rows commit (or vanish) together. ``WebhookOutbox`` is the
-other side: the delivery tasks claim due rows, record every attempt, and schedule retries.
+a job's outcome and its webhook rows commit (or vanish) together. It also notes the rows' ids
+on the connection (``QUEUED``), for the store to hand them to delivery once the transaction
+has committed. ``WebhookOutbox`` is the other side: the delivery tasks claim rows (those
+handed over, and, in the periodic sweep, every due one), record every attempt, and schedule
+retries.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ _DELIVERED = DeliveryStatus.DELIVERED.value
 _FAILED = DeliveryStatus.FAILED.value
 _DISABLED = DeliveryStatus.DISABLED.value
 _MAX_ERROR = 500
+# key in ``Connection.info`` of the outbox ids written in the open transaction
+QUEUED = "inferq.outbox.queued"
 
 
 class WebhookDeliveryRow(SQLModel, table=True):
@@ -152,6 +157,7 @@ def enqueue_job_events(
         return 0
     insert = postgresql.insert if backend == "postgresql" else sqlite.insert
     conn.execute(insert(DELIVERIES).on_conflict_do_nothing(index_elements=["id"]), rows)
+    conn.info.setdefault(QUEUED, []).extend(r["id"] for r in rows)
     return len(rows)
 
 
@@ -215,6 +221,37 @@ class WebhookOutbox:
             claimed = conn.scalars(
                 update(DELIVERIES)
                 .where(d.id.in_(ids), due)
+                .values(
+                    status=_DELIVERING,
+                    claim_token=token,
+                    claimed_until=now + timedelta(seconds=lease_s),
+                    updated_at=now,
+                )
+                .returning(d.id)
+            )
+            return [Claimed(i, token) for i in claimed]
+
+    def claim_ids(
+        self, ids: Sequence[str], *, lease_s: float, now: datetime | None = None
+    ) -> list[Claimed]:
+        """Claim these deliveries, handed over just after their commit: those still pending
+        and never tried (or due), or delivering past their lease. One the sweep claimed
+        first, or one waiting for a retry, is left alone: at most one claim wins."""
+        if not ids:
+            return []
+        now = utcnow() if now is None else require_aware(now, "now")
+        d = DELIVERIES.c
+        # a fresh row is due at its commit time, which another machine's clock may put a
+        # little ahead of ours: never tried is enough
+        due = or_(
+            (d.status == _PENDING) & ((d.attempts == 0) | (d.next_attempt_at <= now)),
+            (d.status == _DELIVERING) & (d.claimed_until < now),
+        )
+        token = secrets.token_hex(8)
+        with self._writer.begin() as conn:
+            claimed = conn.scalars(
+                update(DELIVERIES)
+                .where(d.id.in_(list(dict.fromkeys(ids))), due)
                 .values(
                     status=_DELIVERING,
                     claim_token=token,

@@ -4,7 +4,8 @@ Every method runs in its own transaction on a pooled connection, so one store is
 the API's threadpool and the workers' executors. A transition is a guarded UPDATE on the
 status it starts from (jobstore/transitions.py): a row that moved on concurrently is
 reported, never overwritten. The webhook outbox rows a transition calls for are written
-here, in the same transaction.
+here, in the same transaction; once it has committed, their ids go to ``on_outbox`` (when
+given), which hands them to delivery at once instead of leaving them to the periodic sweep.
 
 The work is done on the open connection by: queries.py (reads), claims.py (claim and
 complete), requeue.py (retries and redrives), sweeps.py (expiry, lapsed leases, retention)
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import builtins
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
@@ -33,7 +34,7 @@ from jobstore.errors import (
     JobStoreError,
     StoreUnavailable,
 )
-from jobstore.outbox import enqueue_job_events
+from jobstore.outbox import QUEUED, enqueue_job_events
 from jobstore.records import (
     Binding,
     ClaimResult,
@@ -94,6 +95,11 @@ def _now(now: datetime | None) -> datetime:
     return utcnow() if now is None else require_aware(now, "now")
 
 
+# Called with the ids of the webhook outbox rows a transaction wrote, after it committed; it
+# must return at once and never raise (the rows are delivered by the sweep regardless).
+OutboxListener = Callable[[Sequence[str]], None]
+
+
 class JobStore:
     def __init__(
         self,
@@ -102,6 +108,7 @@ class JobStore:
         pool_size: int = 5,
         schema: str | None = None,
         connect_timeout_s: int = 5,
+        on_outbox: OutboxListener | None = None,
     ) -> None:
         """Open (lazily) the database at ``url``.
 
@@ -109,6 +116,7 @@ class JobStore:
         database can then hold several isolated stores (tests, tenants).
         ``connect_timeout_s`` (PostgreSQL) bounds a connection attempt: a server that does
         not answer is StoreUnavailable, not a hang.
+        ``on_outbox`` hears of new webhook outbox rows once they are committed.
         """
         parsed = normalise_url(url)
         backend = parsed.get_backend_name()
@@ -127,6 +135,7 @@ class JobStore:
         else:
             raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")
         self._backend = backend
+        self._on_outbox = on_outbox
 
     @property
     def engine(self) -> Engine:
@@ -492,11 +501,18 @@ class JobStore:
     @contextmanager
     def _begin(self, *, write: bool) -> Iterator[Connection]:
         engine = self._writer if write else self._engine
+        queued: list[str] = []
         try:
             with engine.begin() as conn:
-                yield conn
+                try:
+                    yield conn
+                finally:
+                    # info lives with the pooled DBAPI connection: take it off either way
+                    queued = conn.info.pop(QUEUED, [])
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(f"job store unavailable: {exc.orig or exc}") from exc
+        if queued and self._on_outbox is not None:  # committed: nothing can undo them now
+            self._on_outbox(queued)
 
     def _get_by_key(self, key: str) -> JobRecord | None:
         with self._begin(write=False) as conn:

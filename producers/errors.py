@@ -10,13 +10,13 @@ from typing import Any
 import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from jobstore.errors import StoreUnavailable
+from producers.responses import FastJSONResponse
 from schemas.errors import ApiError, ErrorCode, ErrorDetail, ErrorResponse
 from schemas.storable import error_field, printable
 
@@ -46,9 +46,11 @@ __all__ = ["ApiError", "error_response", "install_handlers", "store_down"]
 
 def error_response(
     status: int, errors: list[ErrorDetail], headers: dict[str, str] | None = None
-) -> JSONResponse:
+) -> FastJSONResponse:
     body = ErrorResponse(error=errors[0], errors=errors if len(errors) > 1 else None)
-    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status, headers=headers)
+    return FastJSONResponse(
+        body.model_dump(mode="json", exclude_none=True), status, headers=headers
+    )
 
 
 _PYDANTIC_CODES = {
@@ -101,7 +103,7 @@ def _not_json(exc: RequestValidationError) -> bool:
     )
 
 
-def store_unavailable_response(retry_after_s: int) -> JSONResponse:
+def store_unavailable_response(retry_after_s: int) -> FastJSONResponse:
     detail = ErrorDetail(
         code=ErrorCode.STORE_UNAVAILABLE,
         message="the job store is unavailable; retry later",
@@ -155,16 +157,16 @@ def install_handlers(
     connection or a bare 500 when a dependency is down."""
     store_log = _RateLimitedLog(STORE_LOG_EVERY_S)
 
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def api_error(_: Request, exc: Exception) -> FastJSONResponse:
         assert isinstance(exc, ApiError)
         return error_response(exc.status, [exc.detail], exc.headers)
 
-    async def validation(_: Request, exc: Exception) -> JSONResponse:
+    async def validation(_: Request, exc: Exception) -> FastJSONResponse:
         assert isinstance(exc, RequestValidationError)
         status, details = _from_validation(exc)
         return error_response(status, details)
 
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> FastJSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = {
             400: ErrorCode.MALFORMED_JSON,  # FastAPI's "There was an error parsing the body"
@@ -186,13 +188,13 @@ def install_handlers(
             headers or None,
         )
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(_: Request, exc: Exception) -> FastJSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(
             500, [ErrorDetail(code=ErrorCode.INTERNAL_ERROR, message="internal error")]
         )
 
-    async def store_error(request: Request, exc: Exception) -> JSONResponse:
+    async def store_error(request: Request, exc: Exception) -> FastJSONResponse:
         if not store_down(exc):  # a DBAPIError that is a bug, not an outage
             return await unexpected(request, exc)
         store_log.warn("job store unavailable, answering 503", exc)

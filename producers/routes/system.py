@@ -7,11 +7,12 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from producers.errors import STORE_DOWN
 from producers.readiness import assess
+from producers.responses import FastJSONResponse
 from producers.state import State
 from schemas.errors import ApiError, ErrorCode, ErrorResponse
 from schemas.jobs import AutoscaleResource
@@ -59,7 +60,7 @@ def system_router() -> APIRouter:
         strict: Annotated[
             bool, Query(description="Answer 503 when degraded too (e.g. no live worker).")
         ] = False,
-    ) -> JSONResponse:
+    ) -> FastJSONResponse:
         """ready / degraded (200) or not_ready (503), with every check's status: store,
         publisher, models, workers. No live worker is degraded, not a failure: jobs queue."""
         result = await assess(
@@ -68,7 +69,7 @@ def system_router() -> APIRouter:
             st.deps.models(),
             timeout_s=st.deps.config.readiness_timeout_s,
         )
-        return JSONResponse(result.body(), result.http_status(strict=strict))
+        return FastJSONResponse(result.body(), result.http_status(strict=strict))
 
     @router.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint(st: State) -> Response:
@@ -79,10 +80,10 @@ def system_router() -> APIRouter:
         return Response(generate_latest(st.deps.registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/asyncapi.json", responses={404: {"model": ErrorResponse}})
-    async def asyncapi(st: State) -> JSONResponse:
+    async def asyncapi(st: State) -> FastJSONResponse:
         doc = st.deps.config.asyncapi
         if doc is None:
             raise ApiError(404, ErrorCode.NOT_FOUND, "no AsyncAPI document for this transport")
-        return JSONResponse(doc)
+        return FastJSONResponse(doc)
 
     return router
