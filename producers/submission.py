@@ -26,6 +26,7 @@ from jobstore.errors import IdempotencyConflict
 from jobstore.records import JobRecord, NewJob
 from producers.backpressure import BacklogMonitor, Snapshot
 from producers.errors import STORE_DOWN
+from producers.insert_groups import InsertGroups
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
 from schemas.batch import IDEMPOTENCY_KEY_PATTERN
@@ -66,6 +67,8 @@ class SubmissionService:
         self.publisher = publisher
         self.metrics = metrics
         self.backlog = backlog
+        # concurrent submits share store transactions (one in flight, the rest queue)
+        self.inserts = InsertGroups(deps.store, observe=metrics.insert_group.observe)
 
     async def submit(self, body: JobRequest, idempotency_key: str | None) -> Submitted:
         self._check_key(idempotency_key)
@@ -180,10 +183,11 @@ class SubmissionService:
         self, body: JobRequest, config: ModelConfig, key: str | None
     ) -> tuple[JobRecord, bool]:
         """The row, ``queued``; with a key, the existing row when the same key came with
-        the same body (created False), 409 when it came with another."""
+        the same body (created False), 409 when it came with another. Written with the
+        rows of the submits that arrived meanwhile, in one transaction."""
         job = new_job(body, config, key, self.deps.config.source)
         try:
-            return await asyncio.to_thread(self.deps.store.create, job)
+            return await self.inserts.create(job)
         except IdempotencyConflict as exc:
             raise self.conflict(exc) from exc
 
