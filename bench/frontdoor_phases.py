@@ -14,7 +14,7 @@ import httpx
 from bench import baselines
 from bench import frontdoor_clients as fc
 from bench.frontdoor_stack import FrontStack, GroupMeter, paused
-from bench.harness import BenchError
+from bench.harness import BenchError, metric, scrape
 
 IDENTITY_INPUT = {"tensor": [1.0, 2.0, 3.0, 4.0]}
 IDENTITY_BODY = fc.body("identity", IDENTITY_INPUT)
@@ -81,13 +81,29 @@ def submit(stack: FrontStack, sizes: Sizes, broker: int | None, log: Log) -> dic
         n = max(sizes.submit_jobs, clients * 2)
         log(f"submit: {n} identity POSTs, {clients} concurrent clients")
         target = stack.probe.terminal() + n
+        groups_before = _insert_groups(stack)
         with meter(stack, broker) as m:
             r = asyncio.run(fc.submit_only(stack.api_url, [IDENTITY_BODY] * n, clients))
         r.pop("ids")
         r |= _cpu(m, n)
+        groups_after = _insert_groups(stack)
+        if groups_before is not None and groups_after is not None:
+            txns = groups_after[0] - groups_before[0]
+            r["insert_transactions"] = txns
+            r["mean_insert_group"] = (groups_after[1] - groups_before[1]) / txns if txns else None
         levels.append(r)
         _drain(stack, target, n)  # the next level starts on an empty queue
     return {"levels": levels}
+
+
+def _insert_groups(stack: FrontStack) -> tuple[float, float] | None:
+    """(store transactions, jobs they wrote) of grouped submits so far, from the API's
+    /metrics; None where the API does not group its inserts."""
+    samples = scrape(f"{stack.api_url}/metrics")
+    name = "inferq_submit_insert_group_jobs"
+    if f"{name}_count" not in samples:
+        return None
+    return metric(samples, f"{name}_count"), metric(samples, f"{name}_sum")
 
 
 # --- 2: submit and wait ----------------------------------------------------------------------

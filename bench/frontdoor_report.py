@@ -61,6 +61,7 @@ class _Rows:
             ("value", "right"),
             ("api CPU/job", "right"),
             ("worker CPU/job", "right"),
+            ("client CPU/job", "right"),
             ("note", "left"),
         ):
             self.table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -69,12 +70,10 @@ class _Rows:
         self, measure: str, value: str, fig: dict[str, Any] | None = None, note: str = ""
     ) -> None:
         per_job = (fig or {}).get("cpu_ms_per_job") or {}
-        api, worker = per_job.get("api"), per_job.get("worker")
         self.table.add_row(
             Text(measure),
             Text(value),
-            Text(_n(api, ".2f", " ms")),
-            Text(_n(worker, ".2f", " ms")),
+            *(Text(_n(per_job.get(k), ".2f", " ms")) for k in ("api", "worker", "bench")),
             Text(note),
         )
 
@@ -89,11 +88,11 @@ def print_all(console: Console, figures: dict[str, Any]) -> None:
     )
     rows = _Rows("inferq's front door, side by side (one run)")
     for level in _get(r, "submit", "levels") or []:
+        note = f"p50 {_n(level['p50_ms'], '.1f')} ms, {level['jobs']} jobs"
+        if level.get("insert_transactions") is not None:
+            note += f", {level['insert_transactions']:.0f} insert txns"
         rows.add(
-            f"submit only, {level['clients']} clients",
-            _n(level["per_s"], unit="/s"),
-            level,
-            f"p50 {_n(level['p50_ms'], '.1f')} ms, {level['jobs']} jobs",
+            f"submit only, {level['clients']} clients", _n(level["per_s"], unit="/s"), level, note
         )
     for mode, label in (("prefer_wait", "Prefer: wait=30"), ("post_then_get_wait", "POST + ?wait")):
         fig = _get(r, "wait", mode)
@@ -118,7 +117,8 @@ def print_all(console: Console, figures: dict[str, Any]) -> None:
     m = r.get("minilm") or {}
     if m:
         rows.add("raw ONNX Runtime, MiniLM", _n(m["raw_ort"]["per_s"], unit="/s"), None,
-                 f"batch {m['raw_ort']['batch']}, {m['raw_ort']['threads']} threads")  # fmt: skip
+                 f"batch {m['raw_ort']['batch']}, {m['raw_ort']['threads']} threads, other load "
+                 f"{m['raw_ort'].get('other_cores', 0):.2f} cores")  # fmt: skip
         rows.add("MiniLM straight onto the topic", _n(m["direct"]["per_s"], unit="/s"), m["direct"])
         h = m["http_prefer_wait"]
         note = "" if h.get("prefer_supported") else "Prefer not supported (fell back to ?wait)"
@@ -159,4 +159,8 @@ def print_all(console: Console, figures: dict[str, Any]) -> None:
             continue  # its phase did not run
         table.add_row(Text(key), Text(_n(value, ".3f")))
     console.print(table)
+    console.print(
+        "CPU/job: ms of CPU per job over the phase's window, per process group (client: this "
+        "benchmark's own clients)"
+    )
     console.print(f"[dim]total {figures['wall_seconds']:.0f} s[/dim]")
