@@ -1,15 +1,17 @@
 """The clients of the front-door benchmark, all asyncio in the benchmark process.
 
-HTTP clients are httpx ``AsyncClient``s, one connection each ("lanes"): one client with a
-shared pool costs several ms of client CPU per request here (httpcore scans its pool), CPU
-that a 2-core machine takes from the API. The 1,000 held requests (``?wait`` and SSE) are
-raw asyncio sockets: opening them must cost the client next to nothing, so that what the
-API spends is the API's.
+The HTTP clients are lanes: one keep-alive HTTP/1.1 connection each, on asyncio streams
+with the requests written by hand. On a 2-core machine every ms of client CPU is taken from
+the API and the worker, and httpx costs several ms per request here (one AsyncClient per
+lane builds an SSL context each, a shared pool is scanned on every request): with 256
+clients the client alone took ~15 ms of CPU per job. A lane costs a few tens of µs. The
+1,000 held requests (``?wait`` and SSE) are raw sockets too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -18,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from bench.harness import TERMINAL, BenchError
 
@@ -38,24 +38,98 @@ def p50_ms(samples: Sequence[float]) -> float | None:
     return 1000 * ordered[len(ordered) // 2]
 
 
-async def _lanes(url: str, n: int) -> list[httpx.AsyncClient]:
-    return [
-        httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=120)
-        for _ in range(n)
-    ]
+@dataclass
+class Answer:
+    status_code: int
+    headers: dict[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
 
 
-async def _post(
-    client: httpx.AsyncClient, payload: bytes, headers: dict[str, str]
-) -> tuple[httpx.Response, int]:
-    """POST until it is not refused for backpressure; (answer, retries)."""
-    retries = 0
-    while True:
-        r = await client.post("/v1/jobs", content=payload, headers=headers)
-        if r.status_code not in RETRY_STATUSES:
-            return r, retries
-        retries += 1
-        await asyncio.sleep(0.05)
+class Lane:
+    """One keep-alive HTTP/1.1 connection to the API; one request at a time."""
+
+    def __init__(self, url: str, timeout_s: float = 120) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> Answer:
+        return await asyncio.wait_for(self._request(method, path, body, headers), self.timeout_s)
+
+    async def _request(
+        self, method: str, path: str, body: bytes, headers: dict[str, str] | None
+    ) -> Answer:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body or method == "POST":
+            lines.append(f"content-length: {len(body)}")
+        self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        status_line = await self._reader.readline()
+        if not status_line:
+            raise BenchError(f"the API closed the connection on {method} {path}")
+        raw = await self._reader.readuntil(b"\r\n\r\n")
+        got: dict[str, str] = {}
+        for line in raw.decode("latin-1").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                got[name.strip().lower()] = value.strip()
+        if got.get("transfer-encoding", "").lower() == "chunked":
+            content = await self._chunks()
+        else:
+            content = await self._reader.readexactly(int(got.get("content-length", "0")))
+        if got.get("connection", "").lower() == "close":
+            await self.close()
+        return Answer(int(status_line.split()[1]), got, content)
+
+    async def _chunks(self) -> bytes:
+        assert self._reader is not None
+        parts: list[bytes] = []
+        while True:
+            size = int((await self._reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await self._reader.readline()
+                return b"".join(parts)
+            parts.append(await self._reader.readexactly(size))
+            await self._reader.readline()
+
+    async def post_job(self, payload: bytes, headers: dict[str, str]) -> tuple[Answer, int]:
+        """POST /v1/jobs until it is not refused for backpressure; (answer, retries)."""
+        retries = 0
+        while True:
+            r = await self.request("POST", "/v1/jobs", payload, headers)
+            if r.status_code not in RETRY_STATUSES:
+                return r, retries
+            retries += 1
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+
+async def _lanes(url: str, n: int) -> list[Lane]:
+    """``n`` lanes, connected before any clock starts."""
+    lanes = [Lane(url) for _ in range(n)]
+    for lane in lanes:
+        await lane.request("GET", "/healthz")
+    return lanes
 
 
 JSON = {"content-type": "application/json"}
@@ -72,11 +146,11 @@ async def submit_only(url: str, bodies: Sequence[bytes], concurrency: int) -> di
     ids: list[str] = []
     retries = 0
 
-    async def lane(client: httpx.AsyncClient) -> None:
+    async def lane(client: Lane) -> None:
         nonlocal retries
         for payload in queue:
             t0 = time.perf_counter()
-            r, n = await _post(client, payload, JSON)
+            r, n = await client.post_job(payload, JSON)
             retries += n
             if r.status_code != 202:
                 raise BenchError(f"POST /v1/jobs answered {r.status_code}: {r.text[:300]}")
@@ -88,7 +162,7 @@ async def submit_only(url: str, bodies: Sequence[bytes], concurrency: int) -> di
         await asyncio.gather(*(lane(c) for c in clients))
         seconds = time.perf_counter() - started
     finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await asyncio.gather(*(c.close() for c in clients))
     return {
         "clients": concurrency,
         "jobs": len(bodies),
@@ -112,9 +186,9 @@ class WaitTally:
     retries: int = 0
 
 
-async def _get_until_terminal(client: httpx.AsyncClient, job_id: str, wait_s: float) -> str:
+async def _get_until_terminal(client: Lane, job_id: str, wait_s: float) -> str:
     while True:
-        r = await client.get(f"/v1/jobs/{job_id}", params={"wait": wait_s})
+        r = await client.request("GET", f"/v1/jobs/{job_id}?wait={wait_s:g}")
         if r.status_code != 200:
             raise BenchError(f"GET /v1/jobs/{job_id} answered {r.status_code}: {r.text[:300]}")
         status = str(r.json()["status"])
@@ -134,10 +208,10 @@ async def submit_and_wait(
     queue = iter(bodies)
     tally = WaitTally()
 
-    async def lane(client: httpx.AsyncClient) -> None:
+    async def lane(client: Lane) -> None:
         for payload in queue:
             t0 = time.perf_counter()
-            r, n = await _post(client, payload, headers)
+            r, n = await client.post_job(payload, headers)
             tally.retries += n
             if r.status_code == 200 and r.json().get("status") in TERMINAL:
                 tally.answered_200 += 1
@@ -155,7 +229,7 @@ async def submit_and_wait(
         await asyncio.gather(*(lane(c) for c in clients))
         seconds = time.perf_counter() - started
     finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await asyncio.gather(*(c.close() for c in clients))
     out: dict[str, Any] = {
         "clients": concurrency,
         "jobs": len(bodies),
@@ -179,10 +253,11 @@ async def one_at_a_time(url: str, bodies: Sequence[bytes], wait_s: float) -> dic
     samples: list[float] = []
     fell_back = 0
     statuses: Counter[str] = Counter()
-    async with httpx.AsyncClient(base_url=url, timeout=wait_s + 30) as client:
+    client = Lane(url, timeout_s=wait_s + 30)
+    try:
         for payload in bodies:
             t0 = time.perf_counter()
-            r = await client.post("/v1/jobs", content=payload, headers=headers)
+            r = await client.request("POST", "/v1/jobs", payload, headers)
             if r.status_code == 202:
                 fell_back += 1
                 status = await _get_until_terminal(client, r.json()["id"], wait_s)
@@ -192,19 +267,27 @@ async def one_at_a_time(url: str, bodies: Sequence[bytes], wait_s: float) -> dic
                 raise BenchError(f"POST /v1/jobs answered {r.status_code}: {r.text[:300]}")
             samples.append(time.perf_counter() - t0)
             statuses[status] += 1
+    finally:
+        await client.close()
     return {"samples": samples, "fell_back": fell_back, "statuses": dict(statuses)}
 
 
-async def post_latencies(url: str, payload: bytes, n: int) -> list[float]:
-    """``n`` sequential POSTs (no waiting) from one client: seconds each."""
-    out = []
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        for _ in range(n):
+async def post_latencies(url: str, payload: bytes, n: int, budget_s: float = 60) -> list[float]:
+    """Up to ``n`` sequential POSTs (no waiting) from one lane, stopping after ``budget_s``:
+    seconds each."""
+    out: list[float] = []
+    deadline = time.monotonic() + budget_s
+    client = Lane(url)
+    try:
+        await client.request("GET", "/healthz")  # connected before the first sample
+        while len(out) < n and time.monotonic() < deadline:
             t0 = time.perf_counter()
-            r, _n = await _post(client, payload, JSON)
+            r, _n = await client.post_job(payload, JSON)
             if r.status_code != 202:
                 raise BenchError(f"POST /v1/jobs answered {r.status_code}: {r.text[:300]}")
             out.append(time.perf_counter() - t0)
+    finally:
+        await client.close()
     return out
 
 

@@ -14,7 +14,7 @@ import httpx
 from bench import baselines
 from bench import frontdoor_clients as fc
 from bench.frontdoor_stack import FrontStack, GroupMeter, paused
-from bench.harness import BenchError, metric, scrape
+from bench.harness import metric, scrape
 
 IDENTITY_INPUT = {"tensor": [1.0, 2.0, 3.0, 4.0]}
 IDENTITY_BODY = fc.body("identity", IDENTITY_INPUT)
@@ -170,16 +170,7 @@ def _api_idle(stack: FrontStack, seconds: float) -> float:
 
 async def _probe_posts(stack: FrontStack, n: int, budget_s: float) -> list[float]:
     """Up to ``n`` sequential POSTs, stopping after ``budget_s`` (held requests expire)."""
-    out: list[float] = []
-    deadline = time.monotonic() + budget_s
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
-        while len(out) < n and time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            r = await client.post("/v1/jobs", content=IDENTITY_BODY, headers=fc.JSON)
-            if r.status_code != 202:
-                raise BenchError(f"POST /v1/jobs answered {r.status_code}: {r.text[:300]}")
-            out.append(time.perf_counter() - t0)
-    return out
+    return await fc.post_latencies(stack.api_url, IDENTITY_BODY, n, budget_s)
 
 
 async def _settle(stack: FrontStack, limit_s: float = 10.0) -> float:
