@@ -3,7 +3,8 @@
 In order: the Idempotency-Key's shape, the model and version, the input against the
 model's contract (or the ``input_url`` against the claim-check store), the webhook URL,
 admission against the backlog limits; then the row is written ``queued`` under a new job id
-(bound to the key, so a replay finds it) and the job published. The job counts as accepted
+(bound to the key, so a replay finds it; in one transaction with the rows of concurrent
+submits, ``producers/insert_groups.py``) and the job published. The job counts as accepted
 only once the broker acknowledged it; a publish that fails for good marks the row so and
 answers 503, so no accepted job is ever lost and no dead row holds a backlog slot. Every
 refusal is an ``ApiError``.
