@@ -353,9 +353,11 @@ class Held:
             status = int(status_line.split()[1]) if status_line else 0
             self.statuses[status] += 1
             if sse and status == 200:
-                await reader.readuntil(b"\n\n")  # the headers
-                await reader.readuntil(b"\n\n")  # the first event: the stream is live
-                self.opened += 1
+                await reader.readuntil(b"\r\n\r\n")  # the headers
+                # the first bytes of the body (the first event, however framed: chunked,
+                # LF or CRLF lines): the stream is live
+                if await reader.read(65536):
+                    self.opened += 1
             while await reader.read(65536):  # until the server ends it
                 pass
             return status
