@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.inferq-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run models test test-fast fuzz lint typecheck imports check bench schemas clean
+.PHONY: setup run models test test-fast fuzz lint typecheck imports check bench bench-frontdoor schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ check: lint typecheck imports test
 
 bench: models
 	$(BIN)/python -m bench.run
+
+# the front door against Celery, Dramatiq and raw ONNX Runtime, in one run;
+# `make bench-frontdoor BENCH_ARGS="--quick --only submit,wait --store postgres"`
+bench-frontdoor: models
+	$(BIN)/python -m bench.frontdoor $(BENCH_ARGS)
 
 schemas: setup
 	$(BIN)/python -m schemas.export

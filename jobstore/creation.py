@@ -4,7 +4,8 @@ Each job is judged against the rows that already hold its idempotency key, and a
 the jobs before it in the same batch, before anything is written: a replay returns the
 earlier job, a key reused with another body is a conflict, and every other job is inserted
 in one multi-row INSERT. The caller falls back to one transaction per job when a
-concurrent request won a key in between (the INSERT then violates the unique key).
+concurrent request won a key in between (the INSERT then violates the unique key), or the
+database refused a row: only that job then fails.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from jobstore.errors import IdempotencyConflict
+from jobstore.errors import IdempotencyConflict, JobStoreError
 from jobstore.records import JobRecord, NewJob
 from jobstore.sql import JOBS, chunked, insert_values, row_record
 
 # one created job: (its row, True when this call inserted it), or why it was not created
-Created = tuple[JobRecord, bool] | IdempotencyConflict
+# (an IdempotencyConflict, or another JobStoreError: a row the database refused)
+Created = tuple[JobRecord, bool] | JobStoreError
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,7 @@ def outcomes(jobs: Sequence[NewJob], p: Plan) -> list[Created]:
             out.append(step.created)
         else:
             earlier = out[step.position]
-            out.append(
-                earlier if isinstance(earlier, IdempotencyConflict) else _judge(earlier[0], job)
-            )
+            out.append(earlier if isinstance(earlier, JobStoreError) else _judge(earlier[0], job))
     return out
 
 

@@ -15,6 +15,7 @@ and heartbeats.py (live workers).
 from __future__ import annotations
 
 import builtins
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,7 +29,6 @@ from sqlmodel import SQLModel
 from jobstore import claims, creation, heartbeats, queries, requeue, sweeps
 from jobstore.errors import (
     DuplicateJob,
-    IdempotencyConflict,
     IllegalTransition,
     JobNotFound,
     JobStoreError,
@@ -67,6 +67,8 @@ from jobstore.transitions import (
     move_ids,
 )
 from schemas.jobs import JobStatus
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SCHEMA_LOCK_KEY = 0x696E66657271  # "inferq": an arbitrary, fixed advisory lock id
@@ -183,22 +185,34 @@ class JobStore:
 
     def create_many(self, jobs: Sequence[NewJob]) -> builtins.list[creation.Created]:
         """``create`` for each job, in one transaction; per job its ``(record, created)``
-        or the ``IdempotencyConflict`` it met, in order."""
+        or the ``JobStoreError`` it met (``IdempotencyConflict``, or a row the database
+        refused), in order. ``StoreUnavailable`` when the database cannot be reached: then
+        nothing was written."""
         keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
         try:
             with self._begin(write=True) as conn:
                 plan = creation.plan(jobs, creation.by_keys(conn, keys), utcnow())
                 creation.insert(conn, plan.rows)
-        except IntegrityError:
-            # a concurrent request took a key (or an id) in between: judge each alone
+        except StoreUnavailable:
+            raise  # rolled back, nothing written: the call fails as a whole
+        except Exception:
+            # a concurrent request took a key (or an id) in between, or the database refused
+            # a row: judge each job alone, so that only the job at fault fails
             return [self._create_judged(job) for job in jobs]
         return creation.outcomes(jobs, plan)
 
     def _create_judged(self, job: NewJob) -> creation.Created:
+        """``create``, with what went wrong as the job's outcome: the jobs before it may
+        be written already, so nothing may escape that would hide their outcomes."""
         try:
             return self.create(job)
-        except IdempotencyConflict as exc:
+        except JobStoreError as exc:
             return exc
+        except Exception as exc:  # a value the database cannot store, for one
+            log.warning("job %s: the database refused its row: %s", job.id, exc)
+            refused = JobStoreError(f"could not insert job {job.id!r}: {exc}")
+            refused.__cause__ = exc
+            return refused
 
     def ensure(self, jobs: Sequence[NewJob]) -> builtins.list[str]:
         """Insert the jobs whose id is absent, in one transaction; return the inserted ids.

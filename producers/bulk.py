@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from jobstore.errors import IdempotencyConflict
+from jobstore.errors import IdempotencyConflict, JobStoreError, StoreUnavailable
 from producers.errors import validation_details
 from producers.submission import SubmissionService, new_job
 from schemas.batch import MAX_BATCH_JOBS, BatchItem
@@ -129,6 +129,9 @@ class BulkSubmission:
         for item, outcome in zip(admitted, created, strict=True):
             if isinstance(outcome, IdempotencyConflict):
                 answers[item.position] = _failed(self.single.conflict(outcome), item.position)
+            elif isinstance(outcome, JobStoreError):
+                # judged alone after the batch's transaction failed: its row is not written
+                answers[item.position] = _failed(self._unwritten(outcome), item.position)
             elif outcome[1]:
                 to_publish.append((item, outcome[0]))
             else:  # a replay of an earlier submit with the same key and body
@@ -153,6 +156,19 @@ class BulkSubmission:
             else:
                 self.single.accepted(item.config.name)
                 answers[item.position] = BatchItem(status=202, job=record.to_resource())
+
+    def _unwritten(self, exc: JobStoreError) -> ApiError:
+        if isinstance(exc, StoreUnavailable):
+            retry_after = self.single.deps.config.store_retry_after_s
+            return self.single._reject(
+                503,
+                ErrorCode.STORE_UNAVAILABLE,
+                "the job store is unavailable; retry later",
+                None,
+                headers={"Retry-After": str(retry_after)},
+            )
+        log.error("a batch item could not be written: %s", exc)
+        return ApiError(500, ErrorCode.INTERNAL_ERROR, "the job could not be written")
 
 
 class _ItemInvalid(ApiError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 500)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -33,6 +34,13 @@ class ApiMetrics:
             "inferq_jobs_rejected_total",
             "Job submissions refused, by error code.",
             ["code"],
+            registry=registry,
+        )
+        # _count: the store transactions that wrote submitted jobs; _sum: the jobs they wrote
+        self.insert_group = Histogram(
+            "inferq_submit_insert_group_jobs",
+            "Jobs of concurrent POST /v1/jobs requests written per store transaction.",
+            buckets=GROUP_BUCKETS,
             registry=registry,
         )
         self.publish_retries = Counter(

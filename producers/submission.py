@@ -3,7 +3,8 @@
 In order: the Idempotency-Key's shape, the model and version, the input against the
 model's contract (or the ``input_url`` against the claim-check store), the webhook URL,
 admission against the backlog limits; then the row is written ``queued`` under a new job id
-(bound to the key, so a replay finds it) and the job published. The job counts as accepted
+(bound to the key, so a replay finds it; in one transaction with the rows of concurrent
+submits, ``producers/insert_groups.py``) and the job published. The job counts as accepted
 only once the broker acknowledged it; a publish that fails for good marks the row so and
 answers 503, so no accepted job is ever lost and no dead row holds a backlog slot. Every
 refusal is an ``ApiError``.
@@ -26,6 +27,7 @@ from jobstore.errors import IdempotencyConflict
 from jobstore.records import JobRecord, NewJob
 from producers.backpressure import BacklogMonitor, Snapshot
 from producers.errors import STORE_DOWN
+from producers.insert_groups import InsertGroups
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher, PublishUnavailable
 from schemas.batch import IDEMPOTENCY_KEY_PATTERN
@@ -66,6 +68,8 @@ class SubmissionService:
         self.publisher = publisher
         self.metrics = metrics
         self.backlog = backlog
+        # concurrent submits share store transactions (one in flight, the rest queue)
+        self.inserts = InsertGroups(deps.store, observe=metrics.insert_group.observe)
 
     async def submit(self, body: JobRequest, idempotency_key: str | None) -> Submitted:
         self._check_key(idempotency_key)
@@ -180,10 +184,11 @@ class SubmissionService:
         self, body: JobRequest, config: ModelConfig, key: str | None
     ) -> tuple[JobRecord, bool]:
         """The row, ``queued``; with a key, the existing row when the same key came with
-        the same body (created False), 409 when it came with another."""
+        the same body (created False), 409 when it came with another. Written with the
+        rows of the submits that arrived meanwhile, in one transaction."""
         job = new_job(body, config, key, self.deps.config.source)
         try:
-            return await asyncio.to_thread(self.deps.store.create, job)
+            return await self.inserts.create(job)
         except IdempotencyConflict as exc:
             raise self.conflict(exc) from exc
 
