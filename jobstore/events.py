@@ -160,7 +160,9 @@ def rebuild(record: JobRecord, seq: int, type_: str, state: dict[str, Any]) -> J
         "started_at": _time(state.get("started_at")),
         "completed_at": _time(state.get("completed_at")),
         "next_attempt_at": _time(state.get("next_attempt_at")),
-        "error": None if error is None else JobError(code=error[0], message=error[1], retryable=error[2]),
+        "error": None
+        if error is None
+        else JobError(code=error[0], message=error[1], retryable=error[2]),
         # written once, by the success, and never changed after it
         "result": record.result if type_ == "job.succeeded" else None,
     }
@@ -274,9 +276,7 @@ class EventLog:
             query = select(func.count()).where(EVENTS.c.published_at.is_(None))
             return int(conn.scalar(query) or 0)
 
-    def hold_lease(
-        self, name: str, owner: str, ttl_s: float, now: datetime | None = None
-    ) -> bool:
+    def hold_lease(self, name: str, owner: str, ttl_s: float, now: datetime | None = None) -> bool:
         """Take or renew the lease ``name`` for ``owner``; False while another holds it."""
         now = utcnow() if now is None else now
         until = now + timedelta(seconds=ttl_s)
