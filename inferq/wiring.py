@@ -327,6 +327,7 @@ def events_relay(
         return None
     resolve = None
     if blobs is not None:
+
         async def resolve(job: JobResource) -> JobResource:
             return await resolve_result(blobs, job)
 

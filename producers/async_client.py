@@ -68,7 +68,8 @@ class AsyncClient:
             await self._call("GET", f"/v1/jobs/{job_id}", params=params)
         )
 
-    async def wait(self, job_id: str, *, timeout: float = 60.0) -> JobResource:
+    # ``timeout`` as in InferqClient: the same methods, the same arguments
+    async def wait(self, job_id: str, *, timeout: float = 60.0) -> JobResource:  # noqa: ASYNC109
         """Until the job is terminal (long-polls in slices of up to 20 s)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -78,7 +79,10 @@ class AsyncClient:
                 return job
 
     async def wait_many(
-        self, job_ids: Sequence[str], *, timeout: float = 60.0
+        self,
+        job_ids: Sequence[str],
+        *,
+        timeout: float = 60.0,  # noqa: ASYNC109
     ) -> list[JobResource]:
         """Every job once terminal (or when ``timeout`` passed), in order; waited together."""
         return list(await asyncio.gather(*(self.wait(j, timeout=timeout) for j in job_ids)))
@@ -87,7 +91,11 @@ class AsyncClient:
         return JobResource.model_validate(await self._call("POST", f"/v1/jobs/{job_id}/cancel"))
 
     async def events(
-        self, job_id: str, *, last_event_id: str | None = None, timeout: float = 300.0
+        self,
+        job_id: str,
+        *,
+        last_event_id: str | None = None,
+        timeout: float = 300.0,  # noqa: ASYNC109
     ) -> AsyncIterator[StreamEvent]:
         """As ``InferqClient.events``: resumed with ``Last-Event-ID`` when it breaks."""
         deadline = time.monotonic() + timeout

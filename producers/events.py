@@ -37,7 +37,7 @@ RECONNECT_MS = 1000
 
 
 class ChangeFeed(Protocol):
-    async def wait_for_change(self, job_id: str, timeout: float) -> bool:
+    async def wait_for_change(self, job_id: str, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait up to ``timeout`` s for a change of ``job_id``: True when it may have
         changed (the caller reads the log), False when the time ran out quietly."""
         ...
@@ -49,7 +49,7 @@ class PollingFeed:
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
 
-    async def wait_for_change(self, job_id: str, timeout: float) -> bool:
+    async def wait_for_change(self, job_id: str, timeout: float) -> bool:  # noqa: ASYNC109
         if timeout < self.interval_s:
             await asyncio.sleep(max(timeout, 0.0))
             return False

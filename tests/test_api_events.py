@@ -36,7 +36,7 @@ class CountingFeed(PollingFeed):
         super().__init__(0.02)
         self.waiting = 0
 
-    async def wait_for_change(self, job_id: str, timeout: float) -> bool:
+    async def wait_for_change(self, job_id: str, timeout: float) -> bool:  # noqa: ASYNC109
         self.waiting += 1
         try:
             return await super().wait_for_change(job_id, timeout)

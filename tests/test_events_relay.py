@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
+from datetime import datetime
 
 import pytest
 
@@ -86,7 +88,7 @@ def test_a_crash_before_the_mark_publishes_again_with_the_same_ids(store: JobSto
     _finish(store, ["x"])
 
     class Crashing(EventLog):
-        def mark_published(self, positions, now=None):  # type: ignore[no-untyped-def]
+        def mark_published(self, positions: Sequence[int], now: datetime | None = None) -> None:
             raise RuntimeError("killed before the mark")
 
     crashing = EventRelay(

@@ -40,7 +40,8 @@ def test_a_job_run_to_success_has_queued_started_succeeded(store: JobStore) -> N
     assert started.started_at is not None and started.completed_at is None
     assert (done.status, done.result) == (S.SUCCEEDED, {"vector": [0.5, 0.25]})
     assert done.completed_at is not None and done.model == "minilm"
-    assert store.get("a").to_resource() == done  # the last event is the job now
+    now = store.get("a")
+    assert now is not None and now.to_resource() == done  # the last event is the job now
     assert [e.seq for e in store.events_after("a", 1)] == [2, 3]
     assert store.events_after("a", 3) == []
 
