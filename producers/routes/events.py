@@ -13,7 +13,7 @@ from jobstore.events import parse_event_id
 from producers.events import EventStreamResponse, PollingFeed, job_events, resolve_result
 from producers.limits import JobIdPath
 from producers.state import State
-from schemas.errors import ApiError, ErrorCode, ErrorResponse
+from schemas.errors import ApiError, ErrorCode
 
 _STREAM_DOC = (
     "One event per state change, in order: `event:` is the type (`job.queued`, "
@@ -24,6 +24,10 @@ _STREAM_DOC = (
 )
 
 
+# written out: with the stream's own media type, a ``model`` would be documented as an event
+_ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
 def events_router() -> APIRouter:
     router = APIRouter(tags=["jobs"])
 
@@ -32,9 +36,15 @@ def events_router() -> APIRouter:
         response_class=EventStreamResponse,
         summary="Stream a job's events (Server-Sent Events)",
         responses={
-            200: {"content": {"text/event-stream": {}}, "description": _STREAM_DOC},
+            200: {
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": _STREAM_DOC,
+            },
             204: {"description": "Resumed after the terminal event: nothing more will come"},
-            **{s: {"model": ErrorResponse} for s in (400, 404, 422, 503)},
+            **{
+                s: {"content": {"application/json": {"schema": _ERROR}}}
+                for s in (400, 404, 422, 503)
+            },
         },
     )
     async def stream_job_events(

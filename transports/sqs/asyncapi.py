@@ -13,7 +13,8 @@ _EVENTS = (
     "of a job, published after it is stored, as a CloudEvent 1.0 in binary mode. The "
     "message is the job resource as GET /v1/jobs/{id} showed it then (result_url where the "
     "result was offloaded to S3); String message attributes ce_type "
-    "(inferq.job.started|succeeded|failed|cancelled|expired), ce_subject (the job id), ce_id "
+    "(inferq.job.started, inferq.job.succeeded, inferq.job.failed, inferq.job.cancelled, "
+    "inferq.job.expired), ce_subject (the job id), ce_id "
     "(`<job id>:<seq>`, unique per event: deduplicate by it), ce_source, ce_time. Subscribe "
     "with RawMessageDelivery=true to get them as the SQS message's own attributes."
 )
