@@ -16,7 +16,7 @@ published already.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -24,12 +24,20 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Connection,
     Engine,
     Index,
+    Insert,
     Integer,
+    String,
     Table,
+    bindparam,
+    case,
+    column,
+    func,
+    null,
     select,
     text,
     update,
@@ -81,7 +89,9 @@ class JobEventRow(SQLModel, table=True):
     job_id: str = Field(max_length=128)
     seq: int
     type: str = Field(max_length=32)
-    state: dict[str, Any] = Field(sa_column=Column(JSON(), nullable=False))
+    state: dict[str, Any] = Field(
+        sa_column=Column(JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False)
+    )
     created_at: datetime = Field(sa_type=UTCDateTime)
     published_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
@@ -136,17 +146,36 @@ def _time(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-def snapshot(record: JobRecord) -> dict[str, Any]:
+# the columns an event is written from: a moved row returns only these where it can
+SNAPSHOT_COLUMNS = (
+    "id",
+    "status",
+    "attempts",
+    "started_at",
+    "completed_at",
+    "retry_at",
+    "error_code",
+    "error_message",
+    "error_retryable",
+    "event_seq",
+)
+
+
+def columns_of(record: JobRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in SNAPSHOT_COLUMNS}
+
+
+def snapshot(row: Mapping[str, Any]) -> dict[str, Any]:
     """What an event keeps: the fields that change after creation (the result aside)."""
     error = None
-    if record.error_code is not None:
-        error = [record.error_code, record.error_message or "", record.error_retryable]
+    if row["error_code"] is not None:
+        error = [row["error_code"], row["error_message"] or "", bool(row["error_retryable"])]
     return {
-        "status": record.status.value,
-        "attempts": record.attempts,
-        "started_at": _iso(record.started_at),
-        "completed_at": _iso(record.completed_at),
-        "next_attempt_at": _iso(record.retry_at),
+        "status": JobStatus(row["status"]).value,
+        "attempts": int(row["attempts"]),
+        "started_at": _iso(row["started_at"]),
+        "completed_at": _iso(row["completed_at"]),
+        "next_attempt_at": _iso(row["retry_at"]),
         "error": error,
     }
 
@@ -171,23 +200,54 @@ def rebuild(record: JobRecord, seq: int, type_: str, state: dict[str, Any]) -> J
 
 def write(conn: Connection, records: Iterable[JobRecord], now: datetime) -> int:
     """Append the event of each record's current state (its ``event_seq``), in the
-    caller's transaction: one executemany for the batch."""
-    rows = []
-    for record in records:
-        kind = EVENT_TYPES[record.status]
-        rows.append(
+    caller's transaction."""
+    return write_rows(conn, [columns_of(r) for r in records], now)
+
+
+def write_rows(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> int:
+    """``write`` from rows holding ``SNAPSHOT_COLUMNS``: one statement for the batch."""
+    if not rows:
+        return 0
+    events = []
+    for row in rows:
+        kind = EVENT_TYPES[JobStatus(row["status"])]
+        events.append(
             {
-                "job_id": record.id,
-                "seq": record.event_seq,
+                "job_id": row["id"],
+                "seq": int(row["event_seq"]),
                 "type": kind,
-                "state": snapshot(record),
-                "created_at": now,
-                "published_at": now if kind in STREAM_ONLY else None,
+                "state": snapshot(row),
+                "stream_only": kind in STREAM_ONLY,
             }
         )
-    if rows:
-        conn.execute(EVENTS.insert(), rows)
-    return len(rows)
+    if conn.dialect.name == "postgresql":
+        # one statement over a JSON batch: executemany is a server round per row
+        conn.execute(PG_INSERT, {"batch": events, "now": now})
+    else:
+        for event in events:
+            event["created_at"] = now
+            event["published_at"] = now if event.pop("stream_only") else None
+        conn.execute(EVENTS.insert(), events)
+    return len(events)
+
+
+def _pg_insert() -> Insert:
+    batch = (
+        func.jsonb_to_recordset(bindparam("batch", type_=postgresql.JSONB()))
+        .table_valued(
+            column("job_id", String()),
+            column("seq", Integer()),
+            column("type", String()),
+            column("state", postgresql.JSONB()),
+            column("stream_only", Boolean()),
+        )
+        .render_derived(name="event", with_types=True)
+    )
+    now = bindparam("now", type_=UTCDateTime())
+    published = case((batch.c.stream_only, now), else_=null())
+    names = ["job_id", "seq", "type", "state", "created_at", "published_at"]
+    rows = select(batch.c.job_id, batch.c.seq, batch.c.type, batch.c.state, now, published)
+    return EVENTS.insert().from_select(names, rows)
 
 
 def delete_for(conn: Connection, job_ids: Sequence[str]) -> None:
@@ -303,3 +363,6 @@ class EventLog:
                 .where(r.name == name, r.owner == owner)
                 .values(expires_at=utcnow() - timedelta(seconds=1))
             )
+
+
+PG_INSERT = _pg_insert()
