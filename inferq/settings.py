@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     inference_threads: int = Field(default=0, ge=0)  # 0: let ONNX Runtime decide
     execution_providers: str | None = None  # e.g. "CPUExecutionProvider"; None: auto
 
+    # --- job events (issue 10): SSE streams, and the relay onto <topic>.events / SNS ---
+    events_publish: bool = True  # the worker's relay publishes stored events onto the bus
+    events_relay_interval_s: float = Field(default=0.1, gt=0)
+    events_relay_batch: int = Field(default=500, ge=1, le=10_000)
+    sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    sse_poll_s: float = Field(default=0.1, gt=0)  # the fallback change feed's interval
+
     # --- webhooks and the Celery control plane (issue 4) ---
     webhook_secret: str | None = None  # whsec_...; comma-separated during a rotation
     webhook_allowed_hosts: str = ""  # hosts or CIDRs the SSRF guard lets through

@@ -25,7 +25,9 @@ from jobstore.errors import StoreUnavailable
 from jobstore.store import JobStore, OutboxListener
 from producers.app import ApiConfig, ApiDeps, create_app
 from producers.autoscale import AutoscalePolicy
+from producers.events import resolve_result
 from schemas.contracts import ModelConfig
+from schemas.jobs import JobResource
 from transports.base import DepthProbe, TransportError
 from transports.blobs import ClaimCheck, S3Blobs
 from transports.kafka import KafkaConfig, KafkaTransport
@@ -33,6 +35,7 @@ from transports.sqs import SqsConfig, SqsTransport
 from transports.transport import Transport
 from webhooks.ssrf import UrlGuard
 from workers.adapters import LoadedModel, load_model
+from workers.events_relay import EventRelay, RelayConfig
 from workers.loop import Worker, WorkerConfig
 from workers.metrics import WorkerMetrics
 from workers.repository import ModelRepository
@@ -206,6 +209,8 @@ def build_api(
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
             asyncapi=transport.asyncapi(),
+            sse_heartbeat_s=settings.sse_heartbeat_s,
+            sse_poll_s=settings.sse_poll_s,
         ),
         registry=registry or CollectorRegistry(),
         depth=transport.depth("inferq-api"),
@@ -321,16 +326,56 @@ async def run_worker(
             stranded_after_s=max(settings.stranded_after_s, 2 * settings.publish_timeout_s),
         ),
     )
+    relay = events_relay(settings, transport, store, client_id, blobs)
+    relay_stop = asyncio.Event()
+    relaying: asyncio.Task[None] | None = None
     try:
         await depth.start()
+        if relay is not None:
+            await relay.publisher.start()
+            relaying = asyncio.create_task(relay.run(relay_stop), name="events-relay")
         await worker.run(stop)
     finally:
+        relay_stop.set()  # after the worker's last outcomes: the relay publishes them too
+        if relaying is not None:
+            await asyncio.gather(relaying, return_exceptions=True)
+        if relay is not None:
+            await relay.publisher.stop()
         await depth.stop()
         await publisher.stop()
         store.close()
         if handoff is not None:
             await asyncio.to_thread(handoff.close)
     return worker
+
+
+def events_relay(
+    settings: Settings,
+    transport: Transport,
+    store: JobStore,
+    owner: str,
+    blobs: ClaimCheck | None,
+) -> EventRelay | None:
+    """The relay of stored job events onto the transport's events destination (None when
+    INFERQ_EVENTS_PUBLISH is off)."""
+    if not settings.events_publish:
+        return None
+    resolve = None
+    if blobs is not None:
+
+        async def resolve(job: JobResource) -> JobResource:
+            return await resolve_result(blobs, job)
+
+    return EventRelay(
+        store.event_log,
+        transport.events_publisher(owner),
+        transport.events,
+        owner=owner,
+        config=RelayConfig(
+            interval_s=settings.events_relay_interval_s, batch=settings.events_relay_batch
+        ),
+        resolve=resolve,
+    )
 
 
 def _backlog(depth: DepthProbe) -> Callable[[], Awaitable[int]]:

@@ -115,6 +115,7 @@ class JobRecord:
     updated_at: datetime
     retry_at: datetime | None = None
     content_hash: str | None = None  # None: the id is bound to no content (older rows)
+    event_seq: int = 0  # seq of its last job event (jobstore/events.py)
 
     @property
     def terminal(self) -> bool:

@@ -138,6 +138,7 @@ def pg_ensure_statement() -> Insert:
         "attempts": literal(0),
         "error_retryable": literal(False),
         "updated_at": bindparam("now", type_=UTCDateTime()),
+        "event_seq": literal(1),
     }
     names = [c.name for c in given] + builtins.list(constants)
     rows = select(*(batch.c[c.name] for c in given), *constants.values())
@@ -180,6 +181,7 @@ def insert_values(job: NewJob, now: datetime) -> dict[str, Any]:
         "retry_at": None,
         "lease_expires_at": None,
         "updated_at": now,
+        "event_seq": 1,  # its job.queued event, written in the same transaction
     }
 
 
@@ -214,6 +216,7 @@ def row_record(row: Mapping[Any, Any]) -> JobRecord:
         updated_at=row["updated_at"],
         retry_at=row["retry_at"],
         content_hash=row["content_hash"],
+        event_seq=int(row["event_seq"]),
     )
 
 

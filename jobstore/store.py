@@ -26,7 +26,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import SQLModel
 
-from jobstore import claims, creation, heartbeats, queries, requeue, sweeps
+from jobstore import claims, creation, events, heartbeats, queries, requeue, sweeps
 from jobstore.errors import (
     DuplicateJob,
     IllegalTransition,
@@ -75,7 +75,7 @@ _SCHEMA_LOCK_KEY = 0x696E66657271  # "inferq": an arbitrary, fixed advisory lock
 
 
 # Columns added after the first release: create_all creates missing tables, not columns.
-_ADDED_COLUMNS = {"content_hash": "VARCHAR(64)"}
+_ADDED_COLUMNS = {"content_hash": "VARCHAR(64)", "event_seq": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _add_missing_columns(conn: Connection) -> None:
@@ -174,14 +174,17 @@ class JobStore:
             existing = self._get_by_key(job.idempotency_key)
             if existing is not None:
                 return replay(existing, job), False
-        values = insert_values(job, utcnow())
+        now = utcnow()
+        values = insert_values(job, now)
+        record = row_record(values)
         try:
             with self._begin(write=True) as conn:
                 conn.execute(JOBS.insert().values(values))
+                events.write(conn, [record], now)
         except IntegrityError as exc:
             # A concurrent create won the unique constraint (key or id): judge against it.
             return self._after_conflict(job, exc), False
-        return row_record(values), True
+        return record, True
 
     def create_many(self, jobs: Sequence[NewJob]) -> builtins.list[creation.Created]:
         """``create`` for each job, in one transaction; per job its ``(record, created)``
@@ -191,8 +194,10 @@ class JobStore:
         keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
         try:
             with self._begin(write=True) as conn:
-                plan = creation.plan(jobs, creation.by_keys(conn, keys), utcnow())
+                now = utcnow()
+                plan = creation.plan(jobs, creation.by_keys(conn, keys), now)
                 creation.insert(conn, plan.rows)
+                events.write(conn, [row_record(row) for row in plan.rows], now)
         except StoreUnavailable:
             raise  # rolled back, nothing written: the call fails as a whole
         except Exception:
@@ -234,9 +239,20 @@ class JobStore:
                 # executemany with RETURNING: SQLAlchemy's "insertmanyvalues" batches the rows
                 # into multi-row INSERTs without compiling a statement per call.
                 inserted = set(conn.scalars(SQLITE_ENSURE, rows))
+            events.write(conn, [row_record(r) for r in rows if r["id"] in inserted], now)
         return [job_id for job_id in dict.fromkeys(j.id for j in jobs) if job_id in inserted]
 
     # --- reading --------------------------------------------------------------------------
+
+    def events_after(self, job_id: str, seq: int = 0) -> builtins.list[events.JobEvent]:
+        """The job's events after ``seq`` (0: all), in order; JobNotFound for an unknown id."""
+        with self._begin(write=False) as conn:
+            return events.after(conn, job_id, seq)
+
+    @property
+    def event_log(self) -> events.EventLog:
+        """The relay's side of the job events (pending rows, marks, its lease)."""
+        return events.EventLog(self._engine, writer=self._writer)
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._begin(write=False) as conn:
@@ -429,6 +445,8 @@ class JobStore:
         unpublished = (ABANDON_UNPUBLISHED.guard(), JOBS.c.attempts == 0)
         with self._begin(write=True) as conn:
             result = conn.execute(JOBS.delete().where(JOBS.c.id == job_id, *unpublished))
+            if result.rowcount == 1:
+                events.delete_for(conn, [job_id])
         return result.rowcount == 1
 
     def abandon_unpublished(self, job_id: str, code: str, message: str) -> bool:

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import ColumnElement, Connection, select
 
+from jobstore import events
 from jobstore.claims import expire
 from jobstore.outbox import ATTEMPTS, DELIVERIES
 from jobstore.records import JobRecord
@@ -58,6 +59,7 @@ def purge_finished(conn: Connection, before: datetime, limit: int) -> int:
     conn.execute(ATTEMPTS.delete().where(ATTEMPTS.c.delivery_id.in_(deliveries)))
     conn.execute(DELIVERIES.delete().where(DELIVERIES.c.job_id.in_(ids)))
     conn.execute(JOBS.delete().where(JOBS.c.id.in_(ids)))
+    events.delete_for(conn, ids)
     return len(ids)
 
 

@@ -87,6 +87,9 @@ class JobRow(SQLModel, table=True):
     # not-before of a scheduled retry: the job waits in the store, not on a partition
     retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+    # seq of the job's last row in job_events: each state change bumps it in its own UPDATE,
+    # so the event's seq comes back with the moved row (no read of job_events to number it)
+    event_seq: int = Field(default=0)
 
 
 class WorkerRow(SQLModel, table=True):

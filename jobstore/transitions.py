@@ -3,7 +3,9 @@
 ``ALLOWED`` says which status may become which. Each change the store makes is a named
 ``Transition`` (checked against ``ALLOWED`` when it is defined), and ``move`` is the only
 UPDATE that applies one: it touches a row only while its status is one of the transition's
-sources, so a row that moved on concurrently is left alone and simply not returned.
+sources, so a row that moved on concurrently is left alone and simply not returned. A
+transition that ``emits`` also appends the job event of each moved row (jobstore/events.py)
+in the same transaction, so no path can change a status without its event.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Update, update
 
-from jobstore.records import JobRecord
+from jobstore import events
+from jobstore.records import JobRecord, utcnow
 from jobstore.sql import JOBS, chunked, row_record
 from schemas.jobs import JobStatus
 
@@ -44,6 +47,8 @@ class Transition:
     name: str
     sources: frozenset[JobStatus]
     targets: frozenset[JobStatus]
+    # a state change that clients see (a job event); the retry pump's holds are not
+    emits: bool = True
 
     def __post_init__(self) -> None:
         if not self.sources or not self.targets:
@@ -67,8 +72,10 @@ class Transition:
         return JOBS.c.status.in_(sorted(s.value for s in self.sources))
 
 
-def _transition(name: str, sources: Iterable[JobStatus], *targets: JobStatus) -> Transition:
-    return Transition(name, frozenset(sources), frozenset(targets))
+def _transition(
+    name: str, sources: Iterable[JobStatus], *targets: JobStatus, emits: bool = True
+) -> Transition:
+    return Transition(name, frozenset(sources), frozenset(targets), emits)
 
 
 # Every move the store makes. A new one is added here, or it cannot be applied.
@@ -76,9 +83,10 @@ CLAIM = _transition("claim", {_Q, _R}, _R)  # running again: a redelivery, its o
 EXPIRE = _transition("expire", {_Q}, JobStatus.EXPIRED)
 COMPLETE = _transition("complete", {_R}, JobStatus.SUCCEEDED, JobStatus.FAILED)
 RESCHEDULE = _transition("reschedule", {_R}, _Q)  # a retry waits out its backoff
-HOLD_RETRY = _transition("hold_retry", {_Q}, _Q)  # the retry pump takes a due retry
-RELEASE_RETRY = _transition("release_retry", {_Q}, _Q)  # ... and has published it
-HOLD_STRANDED = _transition("hold_stranded", {_Q}, _Q)  # its message was lost: publish again
+HOLD_RETRY = _transition("hold_retry", {_Q}, _Q, emits=False)  # the pump takes a due retry
+RELEASE_RETRY = _transition("release_retry", {_Q}, _Q, emits=False)  # ... and published it
+# its message was lost: publish again
+HOLD_STRANDED = _transition("hold_stranded", {_Q}, _Q, emits=False)
 REDRIVE = _transition("redrive", {JobStatus.FAILED}, _Q)
 RESTORE_FAILED = _transition("restore_failed", {_Q}, JobStatus.FAILED)  # its redrive failed
 FAIL_UNSTARTED = _transition("fail_unstarted", {_Q, _R}, JobStatus.FAILED)  # poison message
@@ -129,11 +137,15 @@ def move(
     *where: ColumnElement[bool],
 ) -> list[JobRecord]:
     """Apply ``transition`` to those of ``ids`` still in a source status (and matching
-    ``where``), in the caller's transaction; the records of the rows that moved, as now."""
+    ``where``), in the caller's transaction; the records of the rows that moved, as now.
+    Their job events are written too when the transition emits."""
     moved: list[JobRecord] = []
     for statement in _statements(transition, ids, values, where):
         rows = conn.execute(statement.returning(JOBS)).mappings()
         moved.extend(row_record(row) for row in rows)
+    if transition.emits and moved:
+        at = values.get("updated_at")
+        events.write(conn, moved, at if isinstance(at, datetime) else utcnow())
     return moved
 
 
@@ -144,7 +156,10 @@ def move_ids(
     values: Mapping[str, Any],
     *where: ColumnElement[bool],
 ) -> list[str]:
-    """``move``, returning only the ids of the rows that moved (no rows to decode)."""
+    """``move``, returning only the ids of the rows that moved (no rows to decode, unless
+    the transition emits: its events need them)."""
+    if transition.emits:
+        return [r.id for r in move(conn, transition, ids, values, *where)]
     moved: list[str] = []
     for statement in _statements(transition, ids, values, where):
         moved.extend(conn.scalars(statement.returning(JOBS.c.id)))
@@ -158,6 +173,8 @@ def _statements(
     where: Sequence[ColumnElement[bool]],
 ) -> Iterable[Update]:
     values = _with_status(transition, values)
+    if transition.emits:
+        values["event_seq"] = JOBS.c.event_seq + 1
     for chunk in chunked(list(dict.fromkeys(ids))):
         yield guarded(transition, JOBS.c.id.in_(chunk), *where).values(values)
 

@@ -23,10 +23,12 @@ from producers.autoscale import AutoscalePolicy
 from producers.backpressure import BacklogMonitor
 from producers.docs import install_offline_docs
 from producers.errors import install_handlers
+from producers.events import ChangeFeed
 from producers.limits import BodySizeLimit, no_unknown_query
 from producers.metrics import ApiMetrics
 from producers.openapi import document_models
 from producers.publish import JobPublisher
+from producers.routes.events import events_router
 from producers.routes.jobs import jobs_router
 from producers.routes.models import models_router
 from producers.routes.system import system_router
@@ -57,6 +59,8 @@ class ApiConfig:
     asyncapi: dict[str, Any] | None = None
     store_retry_after_s: int = 2  # Retry-After of a 503 store_unavailable
     readiness_timeout_s: float = 3.0  # the most one /readyz check may take
+    sse_heartbeat_s: float = 15.0  # a comment on an idle event stream, so proxies keep it
+    sse_poll_s: float = 0.1  # how often a stream looks at the log without a change feed
 
 
 @dataclass
@@ -73,6 +77,8 @@ class ApiDeps:
     webhook_guard: UrlGuard = field(default_factory=UrlGuard)  # SSRF: no private targets
     # how a job's CloudEvent travels: the transport's ``encode``; None: binary mode
     encode: Callable[[JobEnvelope], Encoded] | None = None
+    # what wakes event streams when a job changes; None: they poll the log (sse_poll_s)
+    changes: ChangeFeed | None = None
 
 
 def create_app(deps: ApiDeps) -> FastAPI:
@@ -140,6 +146,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         return response
 
     app.include_router(jobs_router())
+    app.include_router(events_router())
     app.include_router(models_router())
     app.include_router(system_router())
     app.include_router(webhook_router())

@@ -1,4 +1,5 @@
-"""A small Python client for the HTTP API."""
+"""A small Python client for the HTTP API (``InferqClient``; ``AsyncClient`` is its async
+twin in producers/async_client.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from typing import Any
 
 import httpx
 
+from producers.sse import SseParser, StreamEvent, resume_headers
 from schemas.batch import BatchResponse
 from schemas.errors import ErrorResponse
 from schemas.jobs import JobPage, JobResource, JobStatus
+
+__all__ = ["InferqClient", "InferqError", "StreamEvent"]
 
 
 class InferqError(Exception):
@@ -60,15 +64,7 @@ class InferqClient:
         page = BatchResponse.model_validate(
             self._call("POST", "/v1/jobs/batch", json={"jobs": [dict(r) for r in requests]})
         )
-        out: list[JobResource | InferqError] = []
-        for item in page.data:
-            if item.job is not None:
-                out.append(item.job)
-            else:
-                err = item.error
-                assert err is not None  # the API answers each item with a job or an error
-                out.append(InferqError(item.status, err.code.value, err.message, err.field))
-        return out
+        return batch_items(page)
 
     def wait_many(self, job_ids: Sequence[str], *, timeout: float = 60.0) -> list[JobResource]:
         """Block until every job is terminal or ``timeout`` passed; the jobs, in order."""
@@ -109,12 +105,65 @@ class InferqClient:
                 return
             cursor = page.next_cursor
 
+    def events(
+        self, job_id: str, *, last_event_id: str | None = None, timeout: float = 300.0
+    ) -> Iterator[StreamEvent]:
+        """The job's events (``GET /v1/jobs/{id}/events``) up to its terminal one.
+
+        A broken stream (an API restart, a proxy timeout) is resumed from the last event
+        seen with ``Last-Event-ID``, so none is missed or repeated; ``timeout`` bounds the
+        whole iteration (TimeoutError after it)."""
+        deadline = time.monotonic() + timeout
+        parser = SseParser(last_id=last_event_id)
+        while True:
+            try:
+                with self._http.stream(
+                    "GET",
+                    f"/v1/jobs/{job_id}/events",
+                    headers=resume_headers(parser.last_id),
+                    timeout=httpx.Timeout(self._http.timeout.connect, read=60.0),
+                ) as response:
+                    if response.status_code == 204:
+                        return  # resumed after the terminal event
+                    if response.status_code >= 400:
+                        response.read()
+                        raise_for(response)
+                    for line in response.iter_lines():
+                        event = parser.line(line)
+                        if event is not None:
+                            yield event
+                            if event.terminal:
+                                return
+            except httpx.TransportError:
+                pass  # reconnect below
+            if time.monotonic() + parser.retry_s > deadline:
+                raise TimeoutError(f"no terminal event of job {job_id} within {timeout}s")
+            time.sleep(parser.retry_s)
+
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         response = self._http.request(method, path, **kw)
-        if response.status_code >= 400:
-            try:
-                err = ErrorResponse.model_validate(response.json()).error
-                raise InferqError(response.status_code, err.code.value, err.message, err.field)
-            except ValueError:
-                raise InferqError(response.status_code, "http_error", response.text, None) from None
+        raise_for(response)
         return response.json()
+
+
+def raise_for(response: httpx.Response) -> None:
+    """InferqError for an error answer, with its code and field."""
+    if response.status_code < 400:
+        return
+    try:
+        err = ErrorResponse.model_validate(response.json()).error
+    except ValueError:
+        raise InferqError(response.status_code, "http_error", response.text, None) from None
+    raise InferqError(response.status_code, err.code.value, err.message, err.field)
+
+
+def batch_items(page: BatchResponse) -> list[JobResource | InferqError]:
+    out: list[JobResource | InferqError] = []
+    for item in page.data:
+        if item.job is not None:
+            out.append(item.job)
+        else:
+            err = item.error
+            assert err is not None  # the API answers each item with a job or an error
+            out.append(InferqError(item.status, err.code.value, err.message, err.field))
+    return out

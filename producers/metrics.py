@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 500)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -45,4 +45,9 @@ class ApiMetrics:
         )
         self.publish_retries = Counter(
             "inferq_publish_retries_total", "Publish attempts retried.", registry=registry
+        )
+        self.event_streams = Gauge(
+            "inferq_event_streams",
+            "Open job event streams (GET /v1/jobs/{id}/events).",
+            registry=registry,
         )

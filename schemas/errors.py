@@ -18,6 +18,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
     INVALID_CURSOR = "invalid_cursor"
+    INVALID_LAST_EVENT_ID = "invalid_last_event_id"
     # model contract
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_VERSION = "unknown_version"

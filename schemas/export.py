@@ -17,6 +17,7 @@ from schemas.contracts import ModelConfig, TensorInput, TextEmbeddingInput
 from schemas.dlq import DeadLetterPage, RedriveRequest, RedriveResult
 from schemas.envelope import JobEnvelope
 from schemas.errors import ErrorResponse
+from schemas.events import JobEventMessage
 from schemas.jobs import AutoscaleResource, JobPage, JobRequest, JobResource, ModelList
 from schemas.webhooks import WebhookDeliveryList, WebhookPayload
 
@@ -27,6 +28,7 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "job-batch-request": BatchRequest,
     "job-batch-response": BatchResponse,
     "job-envelope": JobEnvelope,
+    "job-event": JobEventMessage,
     "error-response": ErrorResponse,
     "model-list": ModelList,
     "model-config": ModelConfig,

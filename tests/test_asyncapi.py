@@ -32,9 +32,14 @@ def test_asyncapi_under_sqs_names_the_queues_and_the_envelope(
     assert doc["asyncapi"].startswith("3.")
     assert {s["protocol"] for s in doc["servers"].values()} == {"sqs"}
     addresses = {c["address"] for c in doc["channels"].values()}
-    assert addresses == {queue, f"{queue}-dlq"}
+    assert addresses == {queue, f"{queue}-dlq", f"{queue}-events"}
     envelope = doc["components"]["schemas"]["JobEnvelope"]
     assert {"id", "source", "type", "data"} <= set(envelope["properties"])
+    # the job events: an SNS topic whose messages are the job resource
+    events = doc["channels"]["job_events"]
+    assert "sns" in events["bindings"] and "inferq.job.succeeded" in events["description"]
+    message = doc["components"]["messages"]["JobEvent"]["payload"]["$ref"]
+    assert message.endswith("/JobResource") and "result_url" in str(doc["components"]["schemas"])
     assert {op["action"] for op in doc["operations"].values()} == {"send", "receive"}
 
 
@@ -48,7 +53,14 @@ def test_asyncapi_under_kafka_is_faststreams(
     )  # fmt: skip
     doc = _document(settings)
     assert {s["protocol"] for s in doc["servers"].values()} == {"kafka"}
-    assert {c["address"] for c in doc["channels"].values()} >= {"inferq.jobs", "inferq.jobs.dlq"}
+    assert {c["address"] for c in doc["channels"].values()} >= {
+        "inferq.jobs",
+        "inferq.jobs.dlq",
+        "inferq.jobs.events",
+    }
+    events = next(c for c in doc["channels"].values() if c["address"] == "inferq.jobs.events")
+    assert "inferq.job.succeeded" in events["description"]
+    assert "JobResource" in str(doc["components"]["schemas"])
 
 
 @pytest.fixture

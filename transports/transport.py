@@ -110,6 +110,16 @@ class Transport(Protocol):
         ...
 
     @property
+    def events(self) -> str:
+        """Where job events are published: ``<topic>.events`` (Kafka), the SNS topic
+        ``<queue>-events`` (SQS)."""
+        ...
+
+    def events_publisher(self, client_id: str) -> Publisher:
+        """The publisher of job events onto ``events``."""
+        ...
+
+    @property
     def address(self) -> str | None:
         """Its server as configured (bootstrap servers, an endpoint URL); None: none named
         (dev then starts a local one; SQS alone would use AWS's own endpoint)."""

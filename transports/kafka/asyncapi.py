@@ -9,9 +9,23 @@ from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 
 from schemas.envelope import JobEnvelope
+from schemas.jobs import JobResource
+
+EVENTS_DESCRIPTION = (
+    "Job events: every state change of a job, published after it is stored, as a CloudEvent "
+    "1.0 in binary mode. Headers ce_type (inferq.job.started, inferq.job.succeeded, "
+    "inferq.job.failed, inferq.job.cancelled, inferq.job.expired), ce_subject (the job id), "
+    "ce_id (`<job id>:<seq>`, unique per event: a redelivered copy has the same id), "
+    "ce_source, ce_time; the value is the job resource as GET /v1/jobs/{id} showed it then "
+    "(result_url where the result was offloaded to S3). Key: the job id, so a job's events "
+    "keep their order. A consumer reading from the beginning sees one terminal event per "
+    "outcome stored."
+)
 
 
-def asyncapi_document(bootstrap: str, topic: str, dlq_topic: str, group: str) -> dict[str, Any]:
+def asyncapi_document(
+    bootstrap: str, topic: str, dlq_topic: str, group: str, *, events: str | None = None
+) -> dict[str, Any]:
     # The broker object is only a description here: it is never connected.
     broker = KafkaBroker(bootstrap, description="Kafka-protocol bus of inferq")
     broker.publisher(
@@ -33,6 +47,10 @@ def asyncapi_document(bootstrap: str, topic: str, dlq_topic: str, group: str) ->
         ),
         schema=bytes,
     )
+    if events is not None:
+        broker.publisher(
+            events, title=f"{events}:publish", description=EVENTS_DESCRIPTION, schema=JobResource
+        )
 
     @broker.subscriber(
         topic,

@@ -60,6 +60,13 @@ class KafkaTransport:
         return f"{self.topic}.dlq"
 
     @property
+    def events(self) -> str:
+        return f"{self.topic}.events"
+
+    def events_publisher(self, client_id: str) -> KafkaPublisher:
+        return self.publisher(client_id)
+
+    @property
     def address(self) -> str | None:
         return self.client.bootstrap if self.client is not None else None
 
@@ -100,7 +107,8 @@ class KafkaTransport:
     async def prepare(self, *, create: bool | None = None) -> None:
         # topics are always created where missing: with the partition count meant, rather
         # than whatever a broker that auto-creates on the first publish would pick
-        topics = {self.topic: self.partitions, self.dead_letters: 1}
+        # the events topic as many partitions as the jobs: keyed by job id, in order per job
+        topics = {self.topic: self.partitions, self.dead_letters: 1, self.events: self.partitions}
         await ensure_topics(self._config("inferq-admin"), topics)
 
     async def prepare_publisher(self) -> None:
@@ -111,7 +119,9 @@ class KafkaTransport:
 
     def asyncapi(self) -> dict[str, Any]:
         bootstrap = self.client.bootstrap if self.client is not None else ""
-        return asyncapi_document(bootstrap, self.topic, self.dead_letters, self.group)
+        return asyncapi_document(
+            bootstrap, self.topic, self.dead_letters, self.group, events=self.events
+        )
 
     def local_server(self, data_dir: Path, port: int) -> EmbeddedKafka:
         return EmbeddedKafka(data_dir / "kafka", port)
@@ -128,4 +138,5 @@ class KafkaTransport:
 
     def describe(self, where: str) -> str:
         bootstrap = self.client.bootstrap if self.client is not None else "(none)"
-        return f"Kafka      {bootstrap} ({where})   topics {self.topic}, {self.dead_letters}"
+        topics = f"{self.topic}, {self.dead_letters}, {self.events}"
+        return f"Kafka      {bootstrap} ({where})   topics {topics}"

@@ -46,6 +46,13 @@ class MemoryTransport:
         return f"{self.topic}.dlq"
 
     @property
+    def events(self) -> str:
+        return f"{self.topic}.events"
+
+    def events_publisher(self, client_id: str) -> MemoryPublisher:
+        return MemoryPublisher(self.broker)
+
+    @property
     def address(self) -> str | None:
         return "memory://"  # in-process: nothing to start
 
@@ -75,6 +82,7 @@ class MemoryTransport:
     async def prepare(self, *, create: bool | None = None) -> None:
         self.broker.topic(self.topic)
         self.broker.topic(self.dead_letters)
+        self.broker.topic(self.events)
 
     async def prepare_publisher(self) -> None:
         return None
@@ -89,6 +97,7 @@ class MemoryTransport:
             "channels": {
                 "jobs": {"address": self.topic},
                 "dead_letters": {"address": self.dead_letters},
+                "job_events": {"address": self.events},
             },
         }
 

@@ -65,11 +65,13 @@ def error_code(exc: BaseException) -> str:
 
 
 class SqsClient:
-    """One boto3 SQS client, its thread pool and a queue-URL cache."""
+    """One boto3 SQS client (``service="sns"``: an SNS one), its thread pool and a
+    queue-URL cache."""
 
-    def __init__(self, config: SqsConfig, name: str) -> None:
+    def __init__(self, config: SqsConfig, name: str, *, service: str = "sqs") -> None:
         self.config = config
         self._name = name
+        self._service = service
         self._sqs: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._urls: dict[str, str] = {}
@@ -80,7 +82,7 @@ class SqsClient:
         c = self.config
         try:
             self._sqs = boto3.session.Session().client(
-                "sqs",
+                self._service,
                 endpoint_url=c.endpoint_url,
                 region_name=c.region,
                 config=BotoConfig(
@@ -91,7 +93,7 @@ class SqsClient:
                 ),
             )
         except BotoCoreError as exc:  # e.g. no region configured
-            raise TransportError(f"cannot create an SQS client: {exc}") from exc
+            raise TransportError(f"cannot create an {self._service} client: {exc}") from exc
         self._pool = ThreadPoolExecutor(c.threads, thread_name_prefix=f"inferq-{self._name}")
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from transports.sqs.depth import SqsDepth
 from transports.sqs.local import LocalAws
 from transports.sqs.publisher import SqsPublisher
 from transports.sqs.queues import check_queues, dlq_name, ensure_queues
+from transports.sqs.sns import SnsPublisher, ensure_topic, events_topic_name
 from transports.transport import Capabilities, Encoded, LocalServerSpec, encode_event
 
 LOCAL = LocalServerSpec(what="the local SQS/S3 endpoint", port=15000, option="--aws-port")
@@ -59,6 +60,13 @@ class SqsTransport:
         return dlq_name(self.queue)
 
     @property
+    def events(self) -> str:
+        return events_topic_name(self.queue)
+
+    def events_publisher(self, client_id: str) -> SnsPublisher:
+        return SnsPublisher(self.client)
+
+    @property
     def address(self) -> str | None:
         return self.client.endpoint_url or None
 
@@ -89,6 +97,7 @@ class SqsTransport:
             await check_queues(self.client, [self.queue, self.dead_letters])
             return
         await ensure_queues(self.client, self.queue)
+        await ensure_topic(self.client, self.events)
         if self.create_bucket and self.bucket:
             blobs = S3Blobs(endpoint_url=self.client.endpoint_url)
             try:
@@ -103,7 +112,9 @@ class SqsTransport:
         return encode_event(envelope, structured=self.capabilities.structured_events)
 
     def asyncapi(self) -> dict[str, Any]:
-        return sqs_asyncapi_document(self.queue, self.dead_letters, self.client.endpoint_url)
+        return sqs_asyncapi_document(
+            self.queue, self.dead_letters, self.client.endpoint_url, events=self.events
+        )
 
     def local_server(self, data_dir: Path, port: int) -> LocalAws:
         return LocalAws(data_dir / "aws", port)
