@@ -173,6 +173,8 @@ def build_api(settings: Settings, registry: CollectorRegistry | None = None) -> 
             max_batch_body_bytes=settings.max_batch_body_bytes,
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
+            wait_sweep_s=settings.wait_sweep_s,
+            wait_poll_s=settings.wait_poll_s,
             asyncapi=transport.asyncapi(),
         ),
         registry=registry or CollectorRegistry(),

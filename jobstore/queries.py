@@ -42,6 +42,14 @@ def read_records(conn: Connection, ids: Sequence[str]) -> list[JobRecord]:
     return records
 
 
+def statuses(conn: Connection, ids: Sequence[str]) -> dict[str, JobStatus]:
+    found: dict[str, JobStatus] = {}
+    for chunk in chunked(ids):
+        rows = conn.execute(select(JOBS.c.id, JOBS.c.status).where(JOBS.c.id.in_(chunk)))
+        found.update((job_id, JobStatus(status)) for job_id, status in rows)
+    return found
+
+
 def page_query(
     *, status: JobStatus | None, model: str | None, limit: int, cursor: str | None
 ) -> Select[tuple[object, ...]]:

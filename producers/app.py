@@ -32,6 +32,7 @@ from producers.routes.models import models_router
 from producers.routes.system import system_router
 from producers.state import ApiState
 from producers.submission import SubmissionService, new_job_id
+from producers.waiters import WaiterHub
 from schemas.contracts import ModelConfig
 from schemas.envelope import JobEnvelope
 from transports.base import DepthProbe, Publisher
@@ -57,6 +58,8 @@ class ApiConfig:
     asyncapi: dict[str, Any] | None = None
     store_retry_after_s: int = 2  # Retry-After of a 503 store_unavailable
     readiness_timeout_s: float = 3.0  # the most one /readyz check may take
+    wait_sweep_s: float = 1.0  # waiters: the slow sweep behind the change feed
+    wait_poll_s: float = 0.005  # waiters on SQLite: how often data_version is looked at
 
 
 @dataclass
@@ -92,8 +95,19 @@ def create_app(deps: ApiDeps) -> FastAPI:
         ttl_s=deps.config.backlog_cache_s,
     )
     publisher.on_retry = metrics.publish_retries.inc  # each retry once, as it happens
+    waiters = WaiterHub(
+        deps.store.statuses,
+        deps.store.change_feed(poll_s=deps.config.wait_poll_s),
+        sweep_s=deps.config.wait_sweep_s,
+        metrics=metrics,
+    )
     state = ApiState(
-        deps, publisher, metrics, monitor, SubmissionService(deps, publisher, metrics, monitor)
+        deps,
+        publisher,
+        metrics,
+        monitor,
+        SubmissionService(deps, publisher, metrics, monitor),
+        waiters,
     )
 
     @asynccontextmanager
@@ -102,9 +116,11 @@ def create_app(deps: ApiDeps) -> FastAPI:
             await deps.publisher.start()
         if deps.depth is not None:
             await deps.depth.start()
+        waiters.start()
         try:
             yield
         finally:
+            await waiters.stop()
             if deps.depth is not None:
                 await deps.depth.stop()
             if deps.manage_publisher:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -37,4 +37,16 @@ class ApiMetrics:
         )
         self.publish_retries = Counter(
             "inferq_publish_retries_total", "Publish attempts retried.", registry=registry
+        )
+        self.waiters = Gauge(
+            "inferq_api_waiters",
+            "Requests waiting for a job to finish (?wait, Prefer: wait).",
+            registry=registry,
+        )
+        self.wait_lookups = Counter(
+            "inferq_api_wait_lookups_total",
+            "Store queries made for all waiters together: after a change the feed reported "
+            "without statuses (feed) and by the slow sweep (sweep).",
+            ["reason"],
+            registry=registry,
         )
