@@ -42,9 +42,13 @@ def read_records(conn: Connection, ids: Sequence[str]) -> list[JobRecord]:
     return records
 
 
+# the waiters' lookups: all watched ids in one statement, well under SQLite's 32766 binds
+STATUS_CHUNK = 5000
+
+
 def statuses(conn: Connection, ids: Sequence[str]) -> dict[str, JobStatus]:
     found: dict[str, JobStatus] = {}
-    for chunk in chunked(ids):
+    for chunk in chunked(ids, STATUS_CHUNK):
         rows = conn.execute(select(JOBS.c.id, JOBS.c.status).where(JOBS.c.id.in_(chunk)))
         found.update((job_id, JobStatus(status)) for job_id, status in rows)
     return found
