@@ -229,7 +229,7 @@ class JobStore:
             return queries.get_many(conn, ids)
 
     def statuses(self, ids: Iterable[str]) -> dict[str, JobStatus]:
-        """The status of each of ``ids`` that has a row (one query per 5,000 ids)."""
+        """The status of each of ``ids`` that has a row, in one query."""
         with self._begin(write=False) as conn:
             return queries.statuses(conn, list(dict.fromkeys(ids)))
 
