@@ -82,11 +82,11 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     thread.start()
     transport = httpx.ASGITransport(app=app)
     try:
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://api", timeout=90
-            ) as client:
-                yield Api(client, finisher)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://api", timeout=90) as client,
+        ):
+            yield Api(client, finisher)
     finally:
         finisher.stop.set()
         thread.join(5)
