@@ -24,6 +24,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from producers.client import InferqClient
+from schemas.jobs import JobStatus
 from tests.procs import Stack, wait_for
 from transports.kafka import EmbeddedKafka
 
@@ -114,6 +116,10 @@ def test_wait_and_prefer_wait_are_woken_by_the_outcome_not_the_sweep(
                 received = datetime.now(UTC)
                 assert r.json()["status"] == "succeeded"
                 get_late.append(_late_s(r.json(), received))
+        with InferqClient(url) as sdk:  # the Python client's submit-and-wait, one request
+            job = sdk.run("identity", {"tensor": [4.0]}, timeout=30)
+            assert job.status is JobStatus.SUCCEEDED and job.result == {"tensor": [4.0]}
+            assert sdk.submit("identity", {"tensor": [5.0]}, wait=30).status.terminal
         backend = "postgres" if database else "sqlite"
         print(
             f"\n[waiters] {backend}: answer after completion, p50 Prefer: wait "
