@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     max_batch_body_bytes: int = Field(default=16_777_216, ge=1024)
     publish_timeout_s: float = Field(default=10.0, gt=0)
     publish_attempts: int = Field(default=4, ge=1)
+    # ?wait and Prefer: wait: the sweep behind the change feed, and how often a SQLite
+    # store's data_version is looked at while anyone waits
+    wait_sweep_s: float = Field(default=1.0, ge=0.05, le=60)
+    wait_poll_s: float = Field(default=0.005, ge=0.001, le=1)
 
     worker_id: str | None = None
     worker_fetch_max_records: int = Field(default=512, ge=1)

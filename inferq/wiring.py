@@ -208,6 +208,8 @@ def build_api(
             max_batch_body_bytes=settings.max_batch_body_bytes,
             publish_attempts=settings.publish_attempts,
             publish_timeout_s=settings.publish_timeout_s,
+            wait_sweep_s=settings.wait_sweep_s,
+            wait_poll_s=settings.wait_poll_s,
             asyncapi=transport.asyncapi(),
             sse_heartbeat_s=settings.sse_heartbeat_s,
             sse_poll_s=settings.sse_poll_s,

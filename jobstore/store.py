@@ -34,6 +34,8 @@ from jobstore.errors import (
     JobStoreError,
     StoreUnavailable,
 )
+from jobstore.feeds import ChangeFeed, CommitFeed, PostgresFeed, SqliteFeed
+from jobstore.notify import install_triggers
 from jobstore.outbox import QUEUED, enqueue_job_events
 from jobstore.records import (
     Binding,
@@ -138,6 +140,7 @@ class JobStore:
             raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")
         self._backend = backend
         self._on_outbox = on_outbox
+        self._url, self._schema, self._connect_timeout_s = parsed, schema, connect_timeout_s
 
     @property
     def engine(self) -> Engine:
@@ -157,6 +160,8 @@ class JobStore:
                 conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             SQLModel.metadata.create_all(conn, checkfirst=True)
             _add_missing_columns(conn)
+            if self._backend == "postgresql":
+                install_triggers(conn)  # NOTIFY of each state change, for waiting clients
 
     def close(self) -> None:
         self._engine.dispose()
@@ -261,6 +266,23 @@ class JobStore:
     def get_many(self, ids: Iterable[str]) -> dict[str, JobRecord]:
         with self._begin(write=False) as conn:
             return queries.get_many(conn, ids)
+
+    def statuses(self, ids: Iterable[str]) -> dict[str, JobStatus]:
+        """The status of each of ``ids`` that has a row, in one query."""
+        with self._begin(write=False) as conn:
+            return queries.statuses(conn, list(dict.fromkeys(ids)))
+
+    def change_feed(self, *, poll_s: float = 0.005) -> ChangeFeed:
+        """The feed that tells this process which jobs changed (jobstore/feeds.py):
+        LISTEN on PostgreSQL; on SQLite ``data_version`` looked at every ``poll_s``."""
+        if self._backend == "postgresql":
+            return PostgresFeed(
+                self._url, schema=self._schema, connect_timeout_s=self._connect_timeout_s
+            )
+        database = self._url.database
+        if database in (None, "", ":memory:") or self._url.query.get("mode") == "memory":
+            return CommitFeed(self._engine)
+        return SqliteFeed(database, poll_s=poll_s)
 
     def list(
         self,

@@ -34,6 +34,7 @@ from producers.routes.models import models_router
 from producers.routes.system import system_router
 from producers.state import ApiState
 from producers.submission import SubmissionService, new_job_id
+from producers.waiters import WaiterHub
 from schemas.contracts import ModelConfig
 from schemas.envelope import JobEnvelope
 from transports.base import DepthProbe, Publisher
@@ -61,6 +62,8 @@ class ApiConfig:
     readiness_timeout_s: float = 3.0  # the most one /readyz check may take
     sse_heartbeat_s: float = 15.0  # a comment on an idle event stream, so proxies keep it
     sse_poll_s: float = 0.1  # how often a stream looks at the log without a change feed
+    wait_sweep_s: float = 1.0  # waiters: the slow sweep behind the change feed
+    wait_poll_s: float = 0.005  # waiters on SQLite: how often data_version is looked at
 
 
 @dataclass
@@ -98,8 +101,19 @@ def create_app(deps: ApiDeps) -> FastAPI:
         ttl_s=deps.config.backlog_cache_s,
     )
     publisher.on_retry = metrics.publish_retries.inc  # each retry once, as it happens
+    waiters = WaiterHub(
+        deps.store.statuses,
+        deps.store.change_feed(poll_s=deps.config.wait_poll_s),
+        sweep_s=deps.config.wait_sweep_s,
+        metrics=metrics,
+    )
     state = ApiState(
-        deps, publisher, metrics, monitor, SubmissionService(deps, publisher, metrics, monitor)
+        deps,
+        publisher,
+        metrics,
+        monitor,
+        SubmissionService(deps, publisher, metrics, monitor),
+        waiters,
     )
 
     @asynccontextmanager
@@ -108,9 +122,11 @@ def create_app(deps: ApiDeps) -> FastAPI:
             await deps.publisher.start()
         if deps.depth is not None:
             await deps.depth.start()
+        waiters.start()
         try:
             yield
         finally:
+            await waiters.stop()
             if deps.depth is not None:
                 await deps.depth.stop()
             if deps.manage_publisher:

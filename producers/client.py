@@ -47,15 +47,31 @@ class InferqClient:
         *,
         version: str | None = None,
         idempotency_key: str | None = None,
+        wait: float | None = None,
         **fields: Any,
     ) -> JobResource:
+        """Submit a job; with ``wait``, the answer waits up to that many seconds (at most
+        60) for it to finish (``Prefer: wait``), and the job comes back finished if it did."""
         body = {"model": model, "input": input, **fields}
         if version is not None:
             body["version"] = version
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if wait is not None:
+            headers["Prefer"] = f"wait={max(int(wait), 0)}"
         return JobResource.model_validate(
             self._call("POST", "/v1/jobs", json=body, headers=headers)
         )
+
+    def run(
+        self, model: str, input: dict[str, Any], *, timeout: float = 60.0, **kw: Any
+    ) -> JobResource:
+        """Submit and wait until the job is finished or ``timeout`` passed: one request
+        when it finishes within a minute (``Prefer: wait``), long polls after that."""
+        deadline = time.monotonic() + timeout
+        job = self.submit(model, input, wait=min(timeout, 60.0), **kw)
+        if job.status.terminal:
+            return job
+        return self.wait(job.id, timeout=max(deadline - time.monotonic(), 0.0))
 
     def submit_many(self, requests: Sequence[Mapping[str, Any]]) -> list[JobResource | InferqError]:
         """Submit up to 1,000 job requests in one call (``POST /v1/jobs/batch``); each may

@@ -51,3 +51,15 @@ class ApiMetrics:
             "Open job event streams (GET /v1/jobs/{id}/events).",
             registry=registry,
         )
+        self.waiters = Gauge(
+            "inferq_api_waiters",
+            "Requests waiting for a job to finish (?wait, Prefer: wait).",
+            registry=registry,
+        )
+        self.wait_lookups = Counter(
+            "inferq_api_wait_lookups_total",
+            "Store queries made for all waiters together: after a change the feed reported "
+            "without statuses (feed) and by the slow sweep (sweep).",
+            ["reason"],
+            registry=registry,
+        )

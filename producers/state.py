@@ -12,6 +12,7 @@ from producers.backpressure import BacklogMonitor
 from producers.metrics import ApiMetrics
 from producers.publish import JobPublisher
 from producers.submission import SubmissionService
+from producers.waiters import WaiterHub
 
 if TYPE_CHECKING:
     from producers.app import ApiDeps
@@ -24,6 +25,7 @@ class ApiState:
     metrics: ApiMetrics
     backlog: BacklogMonitor
     submissions: SubmissionService
+    waiters: WaiterHub
 
 
 def api_state(request: Request) -> ApiState:

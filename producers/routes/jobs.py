@@ -4,21 +4,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.types import Receive
 
 from jobstore.errors import IllegalTransition, InvalidCursor, JobNotFound
 from jobstore.records import JobRecord
 from producers.bulk import BulkSubmission
 from producers.limits import JobIdPath
+from producers.prefer import wait_preference
 from producers.state import ApiState, State
+from producers.waiters import Waiter
 from schemas.batch import IDEMPOTENCY_KEY_PATTERN, BatchRequest, BatchResponse
 from schemas.errors import ApiError, ErrorCode, ErrorResponse
 from schemas.jobs import MODEL_NAME_PATTERN, JobPage, JobRequest, JobResource, JobStatus
 
 MAX_WAIT_S = 60.0
+SUBMITTED = {
+    "description": "The job, finished within `Prefer: wait=N` (then `Preference-Applied: "
+    "wait=N` says so), or an idempotent replay of an earlier submit.",
+    "headers": {
+        "Preference-Applied": {
+            "description": "`wait=N` when the answer waited for the job to finish",
+            "schema": {"type": "string", "pattern": r"^wait=[0-9]+$"},
+        }
+    },
+}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 404, 409, 413, 422, 429, 503)
@@ -32,10 +47,11 @@ def jobs_router() -> APIRouter:
         "/v1/jobs",
         status_code=202,
         response_model=JobResource,
-        responses={200: {"model": JobResource, "description": "Idempotent replay"}, **ERRORS},
+        responses={200: {"model": JobResource, **SUBMITTED}, **ERRORS},
     )
     async def submit_job(
         body: JobRequest,
+        request: Request,
         response: Response,
         st: State,
         idempotency_key: Annotated[
@@ -47,12 +63,33 @@ def jobs_router() -> APIRouter:
                 json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
             ),
         ] = None,
+        prefer: Annotated[
+            str | None,
+            Header(
+                alias="Prefer",
+                description="`wait=N` (RFC 7240): answer 200 with the finished job if it "
+                "finishes within N seconds (at most 60; more is capped), else 202 as "
+                "without it. A malformed preference is ignored.",
+            ),
+        ] = None,
     ) -> JobResource:
+        """202 once the job is accepted (its publish acknowledged by the broker); with
+        `Prefer: wait=N`, 200 once it is finished, if that is within N seconds."""
         submitted = await st.submissions.submit(body, idempotency_key)
-        if not submitted.created:
+        job = submitted.job
+        # every Prefer field counts (RFC 9110: repeated fields are one comma-separated list)
+        wait = wait_preference(request.headers.getlist("prefer"), limit=int(MAX_WAIT_S))
+        if wait is not None and not job.status.terminal:
+            record = await _wait_for(st, request.receive, job.id, wait)
+            if record is not None and record.status.terminal:
+                job = await _resource(st, record)
+        if wait is not None and job.status.terminal:
             response.status_code = 200
-        response.headers["Location"] = f"/v1/jobs/{submitted.job.id}"
-        return submitted.job
+            response.headers["Preference-Applied"] = f"wait={wait}"
+        elif not submitted.created:
+            response.status_code = 200
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return job
 
     @router.post(
         "/v1/jobs/batch",
@@ -73,6 +110,7 @@ def jobs_router() -> APIRouter:
     @router.get("/v1/jobs/{job_id}", response_model=JobResource, responses=ERRORS)
     async def get_job(
         job_id: JobIdPath,
+        request: Request,
         st: State,
         wait: Annotated[
             float,
@@ -84,7 +122,7 @@ def jobs_router() -> APIRouter:
             ),
         ] = 0,
     ) -> JobResource:
-        record = await _wait_for(st, job_id, wait)
+        record = await _wait_for(st, request.receive, job_id, wait)
         if record is None:
             raise _not_found(job_id)
         return await _resource(st, record)
@@ -133,21 +171,52 @@ def jobs_router() -> APIRouter:
     return router
 
 
-async def _wait_for(st: ApiState, job_id: str, wait: float) -> JobRecord | None:
+async def _wait_for(st: ApiState, receive: Receive, job_id: str, wait: float) -> JobRecord | None:
     """The job's row, after up to ``wait`` seconds for it to be terminal. An id not yet
     known is waited for too: a job published straight onto the bus has no row until a
-    worker picks it up."""
+    worker picks it up. The waiter hub wakes the wait when the job's status changes; the
+    row is read again only when that says terminal (or the row appeared)."""
     store = st.deps.store
-    record = await asyncio.to_thread(store.get, job_id)
+    if wait <= 0:
+        return await asyncio.to_thread(store.get, job_id)
     deadline = time.monotonic() + wait
-    interval = 0.002
-    while (record is None or not record.status.terminal) and time.monotonic() < deadline:
-        await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-        record = await asyncio.to_thread(store.get, job_id) or record
-        # fast polls while a quick job is likely to finish, then back off to spare the store
-        waited = time.monotonic() - (deadline - wait)
-        interval = 0.003 if waited < 0.5 else min(interval * 1.5, 0.05)
+    with st.waiters.watch(job_id) as waiter:  # before the read: no change falls in between
+        record = await asyncio.to_thread(store.get, job_id)
+        known = None if record is None else record.status
+        async with _abandon_on_disconnect(receive, waiter):
+            while known is None or not known.terminal:
+                heard = await waiter.changed(known, deadline - time.monotonic())
+                if heard is None:  # the time is up, or the client went away
+                    break
+                if heard.terminal or record is None:
+                    record = await asyncio.to_thread(store.get, job_id) or record
+                    known = None if record is None else record.status
+                else:
+                    known = heard  # running, or queued again: no need to read the row
     return record
+
+
+@contextlib.asynccontextmanager
+async def _abandon_on_disconnect(receive: Receive, waiter: Waiter) -> AsyncIterator[None]:
+    """Stop ``waiter`` when the client disconnects. The ASGI server says so only to a
+    ``receive()``, which a handler does not otherwise call once it has the body; the one
+    parked task that listens costs nothing until then."""
+
+    async def listen() -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server that cannot say: the wait runs its time
+            return
+        waiter.abandon()
+
+    listener = asyncio.get_running_loop().create_task(listen())
+    try:
+        yield
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
 
 
 async def _resource(st: ApiState, record: JobRecord) -> JobResource:
