@@ -92,7 +92,6 @@ class Settings(BaseSettings):
     events_relay_interval_s: float = Field(default=0.1, gt=0)
     events_relay_batch: int = Field(default=500, ge=1, le=10_000)
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
-    sse_poll_s: float = Field(default=0.1, gt=0)  # the fallback change feed's interval
 
     # --- webhooks and the Celery control plane (issue 4) ---
     webhook_secret: str | None = None  # whsec_...; comma-separated during a rotation

@@ -212,7 +212,6 @@ def build_api(
             wait_poll_s=settings.wait_poll_s,
             asyncapi=transport.asyncapi(),
             sse_heartbeat_s=settings.sse_heartbeat_s,
-            sse_poll_s=settings.sse_poll_s,
         ),
         registry=registry or CollectorRegistry(),
         depth=transport.depth("inferq-api"),

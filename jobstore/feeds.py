@@ -11,7 +11,11 @@ notification lost by a feed costs latency, never a wrong answer.
   notifications sent meanwhile are gone.
 - SQLite (a file): ``PRAGMA data_version`` on a connection of its own, every few
   milliseconds and only while someone waits; it changes when any other connection, in any
-  process, committed. Then the hub looks up the watched ids in one query.
+  process, committed. Then the feed reads the job events written since the last one it saw
+  (``job_events.position``; one writer at a time, so positions follow commit order) and
+  tells their jobs' statuses: a commit costs what it changed, not a lookup of every watched
+  job. A burst larger than ``EVENTS_PER_LOOK``, or a log it cannot read, has the hub look
+  the watched ids up in one query instead.
 - SQLite in memory: only this process can write it, so a commit on the store's engine is
   the signal.
 """
@@ -29,6 +33,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL
 
+from jobstore.events import EVENT_TYPES, EVENTS
 from jobstore.notify import TABLE_SCHEMA_SQL, channel_for, parse_payload
 from schemas.jobs import JobStatus
 
@@ -163,6 +168,7 @@ class SqliteFeed:
     def _run(self, loop: asyncio.AbstractEventLoop, sink: ChangeSink) -> None:
         conn: sqlite3.Connection | None = None
         last: int | None = None
+        position: int | None = None  # the last job event told; None: check everything
         try:
             while not self._stopping.is_set() and not loop.is_closed():
                 if not self._watching.wait(1.0):
@@ -179,14 +185,56 @@ class SqliteFeed:
                     conn, version = None, -1
                     self._stopping.wait(0.5)
                 if version != last:
+                    if last is None or conn is None:
+                        position = None
                     last = version
-                    loop.call_soon_threadsafe(sink.check)
+                    position = self._tell(loop, sink, conn, position)
                 self._stopping.wait(self._poll_s)
         except RuntimeError:
             pass  # the event loop closed under us: nobody is left to tell
         finally:
             if conn is not None:
                 conn.close()
+
+    @staticmethod
+    def _tell(
+        loop: asyncio.AbstractEventLoop,
+        sink: ChangeSink,
+        conn: sqlite3.Connection | None,
+        position: int | None,
+    ) -> int | None:
+        """Tell the sink what the events after ``position`` changed; the new position.
+        Without one (a first look, a burst, an unreadable log) the sink checks all."""
+        rows: list[tuple[int, str, str]] = []
+        try:
+            if conn is not None and position is not None:
+                rows = conn.execute(_EVENTS_SINCE, (position, EVENTS_PER_LOOK + 1)).fetchall()
+            if conn is not None and (position is None or len(rows) > EVENTS_PER_LOOK):
+                position = int(conn.execute(_LAST_EVENT).fetchone()[0])
+                rows = []
+                loop.call_soon_threadsafe(sink.check)
+        except sqlite3.Error as exc:  # no log to read (a store older than job_events)
+            log.debug("job change feed: %s", exc)
+            loop.call_soon_threadsafe(sink.check)
+            return None
+        if conn is None:
+            loop.call_soon_threadsafe(sink.check)
+            return None
+        if rows:
+            statuses = {job_id: _STATUS_OF[kind] for _, job_id, kind in rows if kind in _STATUS_OF}
+            position = rows[-1][0]
+            if statuses:
+                loop.call_soon_threadsafe(sink.changed, statuses)
+        return position
+
+
+# the most job events one look reads; a larger burst has the hub look up its waiters instead
+EVENTS_PER_LOOK = 2000
+_EVENTS_SINCE = (
+    f"SELECT position, job_id, type FROM {EVENTS.name} WHERE position > ? ORDER BY position LIMIT ?"
+)
+_LAST_EVENT = f"SELECT coalesce(max(position), 0) FROM {EVENTS.name}"
+_STATUS_OF = {kind: status for status, kind in EVENT_TYPES.items()}
 
 
 class CommitFeed:

@@ -61,7 +61,6 @@ class ApiConfig:
     store_retry_after_s: int = 2  # Retry-After of a 503 store_unavailable
     readiness_timeout_s: float = 3.0  # the most one /readyz check may take
     sse_heartbeat_s: float = 15.0  # a comment on an idle event stream, so proxies keep it
-    sse_poll_s: float = 0.1  # how often a stream looks at the log without a change feed
     wait_sweep_s: float = 1.0  # waiters: the slow sweep behind the change feed
     wait_poll_s: float = 0.005  # waiters on SQLite: how often data_version is looked at
 
@@ -80,7 +79,7 @@ class ApiDeps:
     webhook_guard: UrlGuard = field(default_factory=UrlGuard)  # SSRF: no private targets
     # how a job's CloudEvent travels: the transport's ``encode``; None: binary mode
     encode: Callable[[JobEnvelope], Encoded] | None = None
-    # what wakes event streams when a job changes; None: they poll the log (sse_poll_s)
+    # what wakes event streams when a job changes; None: the waiter hub (HubChanges)
     changes: ChangeFeed | None = None
 
 

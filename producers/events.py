@@ -2,9 +2,11 @@
 
 The stream reads the job events log (jobstore/events.py) from the client's position on,
 and between reads waits on a ``ChangeFeed``: whatever tells this process that a job may
-have changed. ``PollingFeed`` is the fallback that needs nothing: it says "look again"
-every ``interval_s``. A feed that is told of changes (one subscription per process) fits
-the same Protocol and makes an idle stream cost nothing but its heartbeat.
+have changed: the API's waiter hub (``producers/waiters.py::HubChanges``, one subscription
+per process), so an idle stream costs nothing but its heartbeat. At each heartbeat the
+stream reads its log anyway: a change that keeps the status (a redelivered job started
+again) wakes no waiter. ``PollingFeed`` needs nothing: it says "look again" every
+``interval_s`` (tests use it to count waits).
 
 Nothing outlives a client: the response stops its stream as soon as the client goes away
 (``EventStreamResponse`` listens for the disconnect), and the stream's ``finally`` gives
@@ -27,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 from jobstore.errors import JobNotFound, StoreUnavailable
 from jobstore.events import JobEvent
 from jobstore.store import JobStore
-from schemas.jobs import JobResource
+from schemas.jobs import JobResource, JobStatus
 from transports.blobs import ClaimCheck
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,14 @@ RECONNECT_MS = 1000
 
 
 class ChangeFeed(Protocol):
-    async def wait_for_change(self, job_id: str, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait up to ``timeout`` s for a change of ``job_id``: True when it may have
-        changed (the caller reads the log), False when the time ran out quietly."""
+    async def wait_for_change(
+        self,
+        job_id: str,
+        within: float,
+        known: JobStatus | None,
+    ) -> bool:
+        """Wait up to ``within`` s for ``job_id`` to leave status ``known``: True when it
+        may have (the caller reads the log), False when the time ran out quietly."""
         ...
 
 
@@ -49,9 +56,14 @@ class PollingFeed:
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
 
-    async def wait_for_change(self, job_id: str, timeout: float) -> bool:  # noqa: ASYNC109
-        if timeout < self.interval_s:
-            await asyncio.sleep(max(timeout, 0.0))
+    async def wait_for_change(
+        self,
+        job_id: str,
+        within: float,
+        known: JobStatus | None,
+    ) -> bool:
+        if within < self.interval_s:
+            await asyncio.sleep(max(within, 0.0))
             return False
         await asyncio.sleep(self.interval_s)
         return True
@@ -73,6 +85,7 @@ async def job_events(
     first: Sequence[JobEvent],
     *,
     after: int,
+    known: JobStatus | None,
     resource: Callable[[JobResource], Awaitable[JobResource]],
     heartbeat_s: float,
     streams: Gauge,
@@ -87,18 +100,20 @@ async def job_events(
         while True:
             for event in pending:
                 yield frame(event, await resource(event.job))
-                seq = event.seq
+                seq, known = event.seq, event.job.status
                 if event.terminal:
                     return
             if pending:
                 beat = time.monotonic()
             left = heartbeat_s - (time.monotonic() - beat)
+            look = True  # a heartbeat reads the log too: same-status changes wake no feed
             if left <= 0:
                 yield HEARTBEAT
                 beat = time.monotonic()
-                left = heartbeat_s
+            else:
+                look = await feed.wait_for_change(job_id, left, known)
             pending = []
-            if await feed.wait_for_change(job_id, left):
+            if look:
                 try:
                     pending = await asyncio.to_thread(store.events_after, job_id, seq)
                 except JobNotFound:

@@ -202,3 +202,20 @@ class WaiterHub:
             quiet = time.monotonic() - self._last_check >= self._sweep_s * 0.5
             if self._waiters and self._checking is None and quiet:
                 self._checking = asyncio.get_running_loop().create_task(self._check("sweep"))
+
+
+class HubChanges:
+    """The event streams' change feed (producers/events.py) on the hub: a stream sleeps as
+    one more waiter of its job, so open streams cost what idle waiters cost."""
+
+    def __init__(self, hub: WaiterHub) -> None:
+        self._hub = hub
+
+    async def wait_for_change(
+        self,
+        job_id: str,
+        within: float,
+        known: JobStatus | None,
+    ) -> bool:
+        with self._hub.watch(job_id) as waiter:
+            return await waiter.changed(known, within) is not None

@@ -146,5 +146,11 @@ def _utc(value: datetime) -> datetime:
 SafeText = Annotated[
     str, StringConstraints(max_length=256, pattern=NO_NUL_PATTERN), AfterValidator(_safe_text)
 ]
+# A URL matched against stored ones (a webhook endpoint): the same, up to 4096 characters.
+SafeUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=4096, pattern=NO_NUL_PATTERN),
+    AfterValidator(_safe_text),
+]
 # A date compared with stored timestamps: representable in UTC.
 UtcDateTime = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_utc)]

@@ -9,6 +9,7 @@ from typing import get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.jobs import JobResource, JobStatus, WebhookEvent
+from schemas.storable import SafeUrl
 
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
 
@@ -92,4 +93,4 @@ class EnableEndpoint(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1, max_length=4096)
+    url: SafeUrl

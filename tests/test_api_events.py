@@ -36,10 +36,15 @@ class CountingFeed(PollingFeed):
         super().__init__(0.02)
         self.waiting = 0
 
-    async def wait_for_change(self, job_id: str, timeout: float) -> bool:  # noqa: ASYNC109
+    async def wait_for_change(
+        self,
+        job_id: str,
+        within: float,
+        known: JobStatus | None,
+    ) -> bool:
         self.waiting += 1
         try:
-            return await super().wait_for_change(job_id, timeout)
+            return await super().wait_for_change(job_id, within, known)
         finally:
             self.waiting -= 1
 
@@ -48,7 +53,7 @@ class CountingFeed(PollingFeed):
 class Server:
     url: str
     store: JobStore
-    feed: CountingFeed
+    waiting: Callable[[], int]  # streams asleep on the change feed now
     loop_tasks: Callable[[], set[str]]
 
     def streams(self) -> float:
@@ -63,21 +68,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(params=["hub", "polling"])
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The API on a SQLite file. "hub": streams sleep on the waiter hub (the default), whose
+    sweep is too slow (30 s) to pass a test alone; "polling": a feed that counts its waits."""
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.create_schema()
-    feed = CountingFeed()
+    feed = CountingFeed() if request.param == "polling" else None
+    # a stream also reads its log at each heartbeat: a test of the feed itself makes it long
+    slow = request.node.get_closest_marker("slow_heartbeat")
+    heartbeat_s = 30.0 if slow else 0.3
     app = create_app(
         ApiDeps(
             store=store,
             publisher=MemoryPublisher(MemoryBroker()),
             models=lambda: MODELS,
-            config=ApiConfig(topic="jobs", backlog_cache_s=0, sse_heartbeat_s=0.3),
+            config=ApiConfig(
+                topic="jobs", backlog_cache_s=0, sse_heartbeat_s=heartbeat_s, wait_sweep_s=30
+            ),
             registry=CollectorRegistry(),
             changes=feed,
         )
     )
+    hub = app.state.inferq.waiters
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="on"))
     loops: list[asyncio.AbstractEventLoop] = []
@@ -100,7 +113,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
     def tasks() -> set[str]:
         return {t.get_name() for t in asyncio.all_tasks(loops[0]) if not t.done()}
 
-    yield Server(f"http://127.0.0.1:{port}", store, feed, tasks)
+    def waiting() -> int:
+        return feed.waiting if feed is not None else int(hub.waiting)
+
+    yield Server(f"http://127.0.0.1:{port}", store, waiting, tasks)
     uv.should_exit = True
     thread.join(10)
     store.close()
@@ -159,6 +175,21 @@ def test_a_stream_carries_every_change_in_order_then_ends(server: Server) -> Non
     assert jobs[2] == httpx.get(f"{server.url}/v1/jobs/s1").json()
 
 
+@pytest.mark.slow_heartbeat
+def test_a_stream_is_woken_by_the_change_not_by_its_heartbeat(server: Server) -> None:
+    _new(server.store, "w1")
+    with httpx.stream("GET", f"{server.url}/v1/jobs/w1/events", timeout=10) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("event:")) == "event: job.queued"
+        started = time.monotonic()
+        _run(server.store, "w1")
+        body = "\n".join(lines)  # the rest, up to the end of the stream after the terminal
+    took = time.monotonic() - started
+    assert "event: job.succeeded" in body
+    # the heartbeat (30 s) and the hub's sweep (30 s) are far off: the change woke it
+    assert took < 3, took
+
+
 def test_last_event_id_resumes_after_that_event_only(server: Server) -> None:
     _new(server.store, "r1")
     _run(server.store, "r1", fail=True)
@@ -212,15 +243,15 @@ def test_a_client_that_disconnects_leaves_nothing_behind(server: Server) -> None
     while server.streams() < 5:
         assert time.monotonic() < deadline, httpx.get(f"{server.url}/metrics").text[-3000:]
         time.sleep(0.02)
-    assert server.feed.waiting > 0
+    assert server.waiting() > 0
     for s, c in zip(streams, clients, strict=True):
         s.__exit__(None, None, None)
         c.close()
     deadline = time.monotonic() + 5
-    while server.streams() or server.feed.waiting or server.loop_tasks() - baseline:
+    while server.streams() or server.waiting() or server.loop_tasks() - baseline:
         assert time.monotonic() < deadline, (
             server.streams(),
-            server.feed.waiting,
+            server.waiting(),
             server.loop_tasks() - baseline,
         )
         time.sleep(0.05)

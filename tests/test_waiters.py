@@ -229,6 +229,44 @@ async def test_a_thousand_idle_waiters_leave_the_store_alone(
     assert hub.waiting == 0  # cancelled waits (a client gone) leave nothing registered
 
 
+async def test_writes_to_other_jobs_do_not_look_up_a_thousand_waiters(
+    db: Db, running: list[WaiterHub]
+) -> None:
+    """A busy store with many waiters: each commit elsewhere must not cost a lookup of all
+    watched jobs (on SQLite the feed reads the events committed since its last look)."""
+    hub = await _start(db, running, db.feed(), sweep_s=30)
+    ids = [f"held-{i:04d}" for i in range(1000)]
+    db.add(*ids)
+    lookups: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "jobs" in statement and "WHERE id" in statement:
+            lookups.append(statement)
+
+    async def wait(job_id: str) -> JobStatus | None:
+        with hub.watch(job_id) as waiter:
+            return await waiter.changed(Q, 30)
+
+    tasks = [asyncio.create_task(wait(i)) for i in ids]
+    while hub.waiting < len(ids):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the feed's first look (a lookup of everything) is behind us
+    event.listen(db.store.engine, "before_cursor_execute", count)
+    try:
+        for n in range(50):  # 50 commits of other jobs, as other clients' traffic
+            await asyncio.to_thread(db.add, f"other-{n}")
+            await asyncio.sleep(0.01)
+        db.claim("held-0500")
+        assert await asyncio.wait_for(tasks[500], 2) is R  # the one it concerns is heard
+    finally:
+        event.remove(db.store.engine, "before_cursor_execute", count)
+    print(f"\n[waiters] {db.backend}: 51 commits while 1000 wait: {len(lookups)} lookups")
+    assert len(lookups) <= 2, lookups  # a sweep at an edge at most, never one per commit
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_waiters_of_one_job_are_woken_together_and_leave_nothing(
     db: Db, running: list[WaiterHub]
 ) -> None:

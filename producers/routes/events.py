@@ -10,9 +10,10 @@ from fastapi import APIRouter, Header, Response
 
 from jobstore.errors import JobNotFound
 from jobstore.events import parse_event_id
-from producers.events import EventStreamResponse, PollingFeed, job_events, resolve_result
+from producers.events import EventStreamResponse, job_events, resolve_result
 from producers.limits import JobIdPath
 from producers.state import State
+from producers.waiters import HubChanges
 from schemas.errors import ApiError, ErrorCode
 
 _STREAM_DOC = (
@@ -77,18 +78,21 @@ def events_router() -> APIRouter:
             raise ApiError(
                 404, ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}", field="id"
             ) from exc
-        if not first and after > 0:
+        known = first[-1].job.status if first else None
+        if not first:
             current = await asyncio.to_thread(store.get, job_id)
-            if current is not None and current.terminal:
+            if current is not None and current.terminal and after > 0:
                 # an EventSource reconnects whenever a stream ends; 204 tells it to stop
                 return Response(status_code=204)
+            known = current.status if current is not None else None
         config = st.deps.config
         stream = job_events(
             store,
-            st.deps.changes or PollingFeed(config.sse_poll_s),
+            st.deps.changes or HubChanges(st.waiters),
             job_id,
             first,
             after=after,
+            known=known,
             resource=partial(resolve_result, st.deps.claim_check),
             heartbeat_s=config.sse_heartbeat_s,
             streams=st.metrics.event_streams,
