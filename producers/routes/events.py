@@ -64,6 +64,8 @@ def events_router() -> APIRouter:
         if last_event_id is not None and last_event_id.strip():
             seq = parse_event_id(job_id, last_event_id.strip())
             if seq is None:
+                if await asyncio.to_thread(st.deps.store.get, job_id) is None:
+                    raise _unknown(job_id)  # no such job comes first: 404, whatever the header
                 raise ApiError(
                     400,
                     ErrorCode.INVALID_LAST_EVENT_ID,
@@ -75,9 +77,7 @@ def events_router() -> APIRouter:
         try:
             first = await asyncio.to_thread(store.events_after, job_id, after)
         except JobNotFound as exc:
-            raise ApiError(
-                404, ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}", field="id"
-            ) from exc
+            raise _unknown(job_id) from exc
         known = first[-1].job.status if first else None
         if not first:
             current = await asyncio.to_thread(store.get, job_id)
@@ -101,3 +101,7 @@ def events_router() -> APIRouter:
         return EventStreamResponse(stream, headers=headers)
 
     return router
+
+
+def _unknown(job_id: str) -> ApiError:
+    return ApiError(404, ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}", field="id")
