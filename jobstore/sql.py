@@ -69,9 +69,13 @@ NEW_JOB_COLUMNS = (
 )
 
 
+def in_memory(url: URL) -> bool:
+    """An SQLite URL of a database in memory: only this process ever sees it."""
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
 def sqlite_engine(url: URL, pool_size: int) -> Engine:
-    memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-    if memory:
+    if in_memory(url):
         # One shared connection: a pool would hand each connection its own empty database.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
     else:

@@ -53,6 +53,7 @@ from jobstore.sql import (
     NEW_JOB_COLUMNS,
     PG_ENSURE,
     SQLITE_ENSURE,
+    in_memory,
     insert_values,
     jsonable,
     postgres_engine,
@@ -279,10 +280,9 @@ class JobStore:
             return PostgresFeed(
                 self._url, schema=self._schema, connect_timeout_s=self._connect_timeout_s
             )
-        database = self._url.database
-        if database in (None, "", ":memory:") or self._url.query.get("mode") == "memory":
+        if in_memory(self._url) or self._url.database is None:
             return CommitFeed(self._engine)
-        return SqliteFeed(database, poll_s=poll_s)
+        return SqliteFeed(self._url.database, poll_s=poll_s)
 
     def list(
         self,

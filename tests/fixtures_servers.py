@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from jobstore.store import normalise_url
@@ -31,6 +32,22 @@ def unavailable(message: str) -> None:
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fresh_database(postgres_url: str, prefix: str) -> Iterator[str]:
+    """A new database on the server of ``postgres_url``, its URL; dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
 
 POSTGRES_URL_ENV = "INFERQ_TEST_POSTGRES_URL"
 # Trust auth on the development machines; the role name differs between them.

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
 
 from tests.bus_client import (
     STRUCTURED,
@@ -39,6 +36,7 @@ from tests.bus_client import (
     publish,
     read_all,
 )
+from tests.fixtures_servers import fresh_database
 from tests.procs import Stack, wait_for
 from transports.kafka import EmbeddedKafka
 
@@ -409,16 +407,8 @@ class Fuzz:
 @pytest.fixture
 def fuzz_database(postgres_url: str) -> Iterator[str]:
     """A fresh database on the shared PostgreSQL, dropped afterwards."""
-    name = f"inferq_fuzz_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database(postgres_url, "inferq_fuzz") as url:
+        yield url
 
 
 @dataclass

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from jobstore.store import JobStore
 from producers.client import InferqClient, InferqError
 from schemas.jobs import JobResource, JobStatus
+from tests.fixtures_servers import fresh_database
 from tests.procs import Stack, free_port, wait_for
 from transports.kafka import EmbeddedKafka
 
@@ -287,21 +288,8 @@ def test_broker_restart_mid_run_loses_nothing(
 @pytest.fixture
 def postgres_database(postgres_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
-    import uuid
-
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    name = f"inferq_e2e_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database(postgres_url, "inferq_e2e") as url:
+        yield url
 
 
 @pytest.mark.postgres

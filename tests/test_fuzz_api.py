@@ -17,17 +17,15 @@ import os
 import random
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
 
 from dlq.router import DeadLetter
 from dlq.store import DeadLetterStore
 from jobstore.store import JobStore
+from tests.fixtures_servers import fresh_database
 from tests.procs import Stack
 from transports.base import Delivery
 from transports.kafka import EmbeddedKafka
@@ -42,16 +40,8 @@ RUN_TIMEOUT_S = int(os.environ.get("INFERQ_FUZZ_TIMEOUT_S", "240"))
 @pytest.fixture
 def fuzz_database(postgres_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for the run, dropped afterwards."""
-    name = f"inferq_fuzz_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database(postgres_url, "inferq_fuzz") as url:
+        yield url
 
 
 def _seed_dead_letters(database_url: str, topic: str) -> str:

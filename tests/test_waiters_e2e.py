@@ -14,7 +14,6 @@ import os
 import re
 import statistics
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from producers.client import InferqClient
 from schemas.jobs import JobStatus
+from tests.fixtures_servers import fresh_database
 from tests.procs import Stack, wait_for
 from transports.kafka import EmbeddedKafka
 
@@ -50,16 +49,8 @@ def pg_database(postgres_url: str) -> Iterator[str]:
 
 
 def _fresh_postgres(postgres_url: str) -> Iterator[str]:
-    name = f"inferq_wait_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database(postgres_url, "inferq_wait") as url:
+        yield url
 
 
 def _stack(

@@ -22,6 +22,7 @@ from producers.app import ApiConfig, ApiDeps, create_app
 from schemas.contracts import ModelConfig, TensorInput
 from schemas.envelope import JobEnvelope, decode_message
 from schemas.jobs import JobRequest, JobStatus
+from tests.fixtures_servers import fresh_database
 from tests.local_servers import LocalPostgres
 from tests.procs import Stack, free_port, wait_for
 from tests.test_worker import TOPIC, FlakyIdentity, Harness
@@ -297,24 +298,12 @@ def test_an_existing_job_table_gains_the_binding_column(
 def pg_stack(
     tmp_path: Path, kafka_broker: EmbeddedKafka, topic: str, model_repo: Path, postgres_url: str
 ) -> Iterator[tuple[Stack, str]]:
-    import uuid
-
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    name = f"inferq_ws_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    stack = Stack(tmp_path, kafka_broker.bootstrap, topic, model_repo, database_url=url)
-    try:
-        yield stack, url
-    finally:
-        stack.stop_all()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database(postgres_url, "inferq_ws") as url:
+        stack = Stack(tmp_path, kafka_broker.bootstrap, topic, model_repo, database_url=url)
+        try:
+            yield stack, url
+        finally:
+            stack.stop_all()
 
 
 def _produce(bootstrap: str, topic: str, messages: list[tuple[list, bytes]], key: bytes) -> None:
