@@ -289,8 +289,10 @@ async def run_worker(
     await publisher.start()
     letters = DeadLetterStore(store.engine)
     blobs = claim_check(settings)
+    relay = events_relay(settings, transport, store, client_id, blobs)
     worker = Worker(
         claim_check=blobs,
+        on_write=None if relay is None else relay.wake,
         consumer=consumer,
         store=store,
         models=models,
@@ -327,7 +329,6 @@ async def run_worker(
             stranded_after_s=max(settings.stranded_after_s, 2 * settings.publish_timeout_s),
         ),
     )
-    relay = events_relay(settings, transport, store, client_id, blobs)
     relay_stop = asyncio.Event()
     relaying: asyncio.Task[None] | None = None
     try:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from datetime import datetime
 
 import pytest
 
-from jobstore.events import EventLog
+from jobstore.events import EventLog, JobEvent
 from jobstore.records import Outcome
 from jobstore.store import JobStore
 from schemas.jobs import JobStatus
@@ -127,3 +128,45 @@ def test_one_relay_publishes_at_a_time(store: JobStore) -> None:
         await t2
 
     asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_an_idle_relay_looks_seldom_and_a_write_here_wakes_it_at_once(store: JobStore) -> None:
+    """Idle, the relay backs off to one look a second (an idle worker costs almost nothing);
+    a store write in its process (``wake``) publishes without waiting for that look."""
+    broker = MemoryBroker()
+    looks = 0
+
+    class Counting(EventLog):
+        def pending(self, limit: int) -> list[JobEvent]:
+            nonlocal looks
+            looks += 1
+            return super().pending(limit)
+
+    relay = EventRelay(
+        Counting(store.engine, writer=store.writer),
+        MemoryPublisher(broker),
+        TOPIC,
+        owner="w1",
+        config=RelayConfig(interval_s=0.05, idle_interval_s=5.0),
+    )
+
+    async def go() -> float:
+        stop = asyncio.Event()
+        task = asyncio.create_task(relay.run(stop))
+        # idle: looks at 0.05, 0.15, 0.35, 0.75, 1.55, 3.15 s; the next one at 6.35 s
+        await asyncio.sleep(3.3)
+        idle_looks = looks
+        store.create(new_job("woken"))
+        _finish(store, ["woken"])
+        started = time.monotonic()
+        relay.wake()
+        while relay.published < 2:
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - started
+        stop.set()
+        await task
+        assert idle_looks <= 8, idle_looks  # at a fixed 0.05 s it would be 66
+        return took
+
+    took = asyncio.run(asyncio.wait_for(go(), 30))
+    assert took < 1.0, took  # not the next idle look, 3 s away

@@ -371,3 +371,44 @@ async def test_a_member_the_group_forgot_commits_nothing() -> None:
     consumer._tracker.done(tp, 8)
     await consumer.commit()
     assert commits == [{tp: 9}]
+
+
+async def test_an_idle_pump_looks_seldom_yet_its_own_retry_goes_out_when_due(
+    tmp_path: Path,
+) -> None:
+    """Idle, the pump backs off to one look every ``idle_interval_s`` (each look is a write
+    transaction); a retry this process scheduled (``expect``) still leaves when it is due."""
+    from datetime import UTC, datetime, timedelta
+
+    from jobstore.records import NewJob, Reschedule
+
+    class Counting(JobStore):
+        looks = 0
+
+        def due_retries(self, **kw: Any) -> list[Any]:
+            self.looks += 1
+            return super().due_retries(**kw)
+
+    store = Counting(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_schema()
+    broker = MemoryBroker()
+    pump = RetryPump(store, MemoryPublisher(broker), TOPIC, interval_s=0.05, idle_interval_s=10.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pump.run(stop))
+    try:
+        await asyncio.sleep(3.3)  # looks at 0, 0.05, 0.15, 0.35, 0.75, 1.55, 3.15 s
+        assert store.looks <= 8, store.looks  # a fixed 0.05 s would be 66
+        store.create(NewJob(id="j", model="scripted", version="1", input={"tensor": [7]}))
+        [claimed] = store.claim(["j"], worker_id="w", lease_s=60).claimed
+        due = datetime.now(UTC) + timedelta(seconds=0.5)
+        store.complete([], [Reschedule("j", claimed.attempts, due, "inference_failed", "busy")])
+        pump.expect(due)
+        async with asyncio.timeout(5):  # the next idle look is 3 s away
+            while not broker.messages(TOPIC):
+                await asyncio.sleep(0.01)
+        late = (datetime.now(UTC) - due).total_seconds()
+        assert -0.05 < late < 0.5, late
+    finally:
+        stop.set()
+        await task
+        store.close()

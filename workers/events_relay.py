@@ -25,6 +25,7 @@ from jobstore.events import EventLog, JobEvent
 from schemas.events import BUS_TYPES, JobEventMessage
 from schemas.jobs import JobResource
 from transports.base import Headers, Publisher
+from workers.pauses import pause
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ class BatchPublisher(Protocol):
 
 @dataclass(frozen=True)
 class RelayConfig:
-    interval_s: float = 0.1  # how often an idle relay looks for new rows
+    interval_s: float = 0.1  # how often a busy relay looks for new rows
+    # an idle relay looks less and less often, up to this far apart: an idle worker costs
+    # almost nothing; a write in this process (``wake``) ends the wait at once
+    idle_interval_s: float = 1.0
     batch: int = 500  # rows per read and per produce batch
     lease_s: float = 10.0  # another relay takes over this long after this one stopped
 
@@ -84,21 +88,33 @@ class EventRelay:
         self.published = 0
         self._held = False
         self._ask_at = 0.0  # monotonic: when to take or renew the lease next
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something was stored in this process: look for new rows now, not at the next tick."""
+        self._woken.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop``; then publish what is left once (a worker's last outcomes)."""
+        idle = self.config.interval_s
         try:
             while not stop.is_set():
-                full = False
+                self._woken.clear()
+                found = 0
                 try:
                     if await self._leader():
-                        full = await self.publish_once() >= self.config.batch
+                        found = await self.publish_once()
                 except Exception as exc:  # the store or the bus is away: try again later
                     log.warning("job events relay: %s", exc)
                     self._held, self._ask_at = False, 0.0
-                if not full:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.config.interval_s)
+                if found >= self.config.batch:
+                    continue
+                if found:  # busy: the next look a tick later, gathering a batch meanwhile
+                    idle = self.config.interval_s
+                    await pause(idle, stop)
+                else:  # idle: back off, unless a write here wakes it
+                    await pause(idle, stop, self._woken)
+                    idle = min(2 * idle, max(self.config.idle_interval_s, idle))
             with contextlib.suppress(Exception):
                 if await self._leader():
                     while await self.publish_once() >= self.config.batch:

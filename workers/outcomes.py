@@ -65,6 +65,8 @@ class Outcomes(Redelivery):
             if replaced:
                 outcomes = [replaced.get(o.job_id, o) for o in outcomes]
                 retries = [r for r in retries if r.job_id not in replaced]
+            if retries and self.retry_pump is not None:
+                self.retry_pump.expect(min(r.retry_at for r in retries))
             name = model.config.name
             now = datetime.now(UTC)
             retrying = {r.job_id for r in retries}

@@ -15,9 +15,9 @@ safe: the store's guarded claim runs a job once however many copies arrive.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ from jobstore.store import JobStore
 from schemas.envelope import JobEnvelope
 from schemas.errors import ErrorCode
 from transports.base import Publisher
+from workers import pauses
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class RetryPump:
         source: str = "urn:inferq:retry",
         backlog: Callable[[], Awaitable[int]] | None = None,
         stranded_after_s: float = 120.0,
+        idle_interval_s: float = 1.0,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -105,8 +107,11 @@ class RetryPump:
         self.stranded_after_s = stranded_after_s
         # how often to look for stranded rows: a fraction of the threshold, 1 to 30 s
         self.stranded_check_s = min(max(stranded_after_s / 4, 1.0), 30.0)
+        self.idle_interval_s = idle_interval_s
         self.published = 0
         self.rescued = 0  # stranded jobs published again
+        self._expected: float | None = None  # monotonic: the soonest retry this process made
+        self._expecting = asyncio.Event()
 
     async def pump_once(self) -> int:
         due = await asyncio.to_thread(self.store.due_retries)
@@ -155,11 +160,20 @@ class RetryPump:
         self.published += len(sent)
         return len(sent)
 
+    def expect(self, at: datetime) -> None:
+        """A retry of this process is due at ``at``: an idle pump looks again by then."""
+        loop_at = time.monotonic() + max((at - datetime.now(UTC)).total_seconds(), 0.0)
+        if self._expected is None or loop_at < self._expected:
+            self._expected = loop_at
+        self._expecting.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         pause = self.interval_s
+        idle = self.interval_s  # grows while nothing is due: an idle worker costs ~nothing
         loop = asyncio.get_running_loop()
         next_rescue = loop.time() + self.stranded_check_s
         while not stop.is_set():
+            polled_at = time.monotonic()
             try:
                 busy = await self.pump_once()
                 if self.backlog is not None and loop.time() >= next_rescue:
@@ -170,6 +184,14 @@ class RetryPump:
                 busy = 0
                 pause = min(pause * 2, 5.0)
                 log.warning("retry pump: %s; next try in %.1fs", exc, pause)
-            if not busy:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+            if busy:
+                idle = self.interval_s
+                continue
+            wait = max(pause, idle)
+            if self._expected is not None:  # a retry of ours falls due sooner: look then
+                wait = min(wait, max(self._expected - time.monotonic(), 0.0) + self.interval_s)
+                if self._expected <= polled_at:  # that poll took it
+                    self._expected = None
+            idle = min(2 * idle, max(self.idle_interval_s, self.interval_s))
+            self._expecting.clear()
+            await pauses.pause(wait, stop, self._expecting)

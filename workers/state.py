@@ -47,8 +47,10 @@ class WorkerState:
         retry: RetryPolicy | None = None,
         retry_pump: RetryPump | None = None,
         claim_check: ClaimCheck | None = None,
+        on_write: Callable[[], None] | None = None,
     ) -> None:
         self.claim_check = claim_check
+        self.on_write = on_write  # told after each store write (the events relay wakes)
         self.consumer = consumer
         self.store = store
         self.models = dict(models)
@@ -81,7 +83,10 @@ class WorkerState:
         self._deferred: set[asyncio.Task[None]] = set()
 
     async def _store_call(self, what: str, call: Callable[[], _T]) -> _T:
-        return await storing.store_call(self._stop, what, call)
+        result = await storing.store_call(self._stop, what, call)
+        if self.on_write is not None:
+            self.on_write()
+        return result
 
     async def _commit(self) -> None:
         async with self._commit_lock:
