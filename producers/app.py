@@ -9,13 +9,12 @@ accepted job is ever lost.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from jobstore.store import JobStore
@@ -26,6 +25,7 @@ from producers.errors import install_handlers
 from producers.events import ChangeFeed
 from producers.limits import BodySizeLimit, no_unknown_query
 from producers.metrics import ApiMetrics
+from producers.observe import RequestMetrics
 from producers.openapi import document_models
 from producers.publish import JobPublisher
 from producers.routes.events import events_router
@@ -103,6 +103,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
     waiters = WaiterHub(
         deps.store.statuses,
         deps.store.change_feed(poll_s=deps.config.wait_poll_s),
+        fetch=deps.store.get_many,
         sweep_s=deps.config.wait_sweep_s,
         metrics=metrics,
     )
@@ -150,16 +151,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         per_path={"/v1/jobs/batch": deps.config.max_batch_body_bytes},
     )
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees every answer
     app.include_router(jobs_router())
     app.include_router(events_router())
     app.include_router(models_router())

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -51,28 +53,44 @@ class JobPublisher:
     async def publish(self, envelope: JobEnvelope) -> None:
         value, headers = self.encode(envelope)
         per_try = max(self.timeout_s / self.attempts, 0.5)
+        key = envelope.id.encode()
+
+        async def once() -> None:
+            await asyncio.wait_for(
+                self.publisher.publish(self.topic, value, key=key, headers=headers), per_try
+            )
+
+        started = time.monotonic()
+        try:  # the first try without the retry machinery: it is what nearly every call needs
+            await once()
+            return
+        except (TransportError, TimeoutError) as exc:
+            if self.attempts <= 1:
+                raise self._unavailable(envelope, exc) from exc
+        backoff = wait_exponential_jitter(multiplier=0.05, max=1.0)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.timeout_s),
-            wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
+            stop=stop_after_attempt(self.attempts - 1)
+            | stop_after_delay(max(self.timeout_s - (time.monotonic() - started), 0.0)),
+            wait=backoff,
             retry=retry_if_exception_type((TransportError, TimeoutError)),
             reraise=True,
         )
         try:
+            # the backoff after that first failure, as tenacity would have waited it
+            await asyncio.sleep(backoff(RetryCallState(retrying, None, (), {})))
             async for attempt in retrying:
                 with attempt:
-                    if attempt.retry_state.attempt_number > 1:
-                        self.retries += 1
-                        if self.on_retry is not None:
-                            self.on_retry()
-                    await asyncio.wait_for(
-                        self.publisher.publish(
-                            self.topic, value, key=envelope.id.encode(), headers=headers
-                        ),
-                        per_try,
-                    )
+                    self.retries += 1
+                    if self.on_retry is not None:
+                        self.on_retry()
+                    await once()
         except (TransportError, TimeoutError) as exc:
-            log.error("publish of job %s failed: %r", envelope.id, exc)
-            raise PublishUnavailable(str(exc) or type(exc).__name__) from exc
+            raise self._unavailable(envelope, exc) from exc
+
+    @staticmethod
+    def _unavailable(envelope: JobEnvelope, exc: Exception) -> PublishUnavailable:
+        log.error("publish of job %s failed: %r", envelope.id, exc)
+        return PublishUnavailable(str(exc) or type(exc).__name__)
 
 
 def _binary(envelope: JobEnvelope) -> Encoded:

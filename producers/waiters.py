@@ -22,22 +22,27 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from jobstore.errors import JobStoreError
 from jobstore.feeds import ChangeFeed
+from jobstore.records import JobRecord
 from producers.metrics import ApiMetrics
 from schemas.jobs import JobStatus
 
 log = logging.getLogger(__name__)
 
 Lookup = Callable[[Sequence[str]], Mapping[str, JobStatus]]
+Fetch = Callable[[Sequence[str]], Mapping[str, JobRecord]]
 
 
 class Waiter:
     """One waiting request's view of one job: the latest status heard that differs from
     the one the request already knows."""
 
-    __slots__ = ("_event", "_gone", "_known", "_pending", "job_id")
+    __slots__ = ("_event", "_gone", "_known", "_pending", "job_id", "record", "wants_record")
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, *, wants_record: bool = True) -> None:
         self.job_id = job_id
+        self.wants_record = wants_record
+        # the terminal row, when the hub read it for all its woken waiters in one query
+        self.record: JobRecord | None = None
         self._event = asyncio.Event()
         self._known: JobStatus | None = None
         self._pending: JobStatus | None = None
@@ -48,7 +53,9 @@ class Waiter:
         """The client went away: stop waiting."""
         return self._gone
 
-    def observe(self, status: JobStatus) -> None:
+    def observe(self, status: JobStatus, record: JobRecord | None = None) -> None:
+        if record is not None and record.status is status:
+            self.record = record
         if status != self._known:
             self._pending = status
             self._event.set()
@@ -92,12 +99,18 @@ class WaiterHub:
         lookup: Lookup,
         feed: ChangeFeed,
         *,
+        fetch: Fetch | None = None,
         sweep_s: float = 1.0,
         metrics: ApiMetrics | None = None,
     ) -> None:
         if sweep_s <= 0:
             raise ValueError("sweep_s must be positive")
         self._lookup = lookup
+        # with ``fetch``, terminal rows are read for all woken waiters in one query, not
+        # one query (and one thread hop) per waiter
+        self._fetch = fetch
+        self._to_fetch: dict[str, JobStatus] = {}
+        self._fetching: asyncio.Task[None] | None = None
         self._feed = feed
         self._sweep_s = sweep_s
         self._metrics = metrics
@@ -125,20 +138,21 @@ class WaiterHub:
         )
 
     async def stop(self) -> None:
-        for task in (self._sweeper, self._checking):
+        for task in (self._sweeper, self._checking, self._fetching):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._sweeper = self._checking = None
+        self._sweeper = self._checking = self._fetching = None
         await self._feed.stop()
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[Waiter]:
+    def watch(self, job_id: str, *, record: bool = True) -> Iterator[Waiter]:
         """Register a waiter for ``job_id`` for the block. Register before reading the row:
-        a change committed between the read and the wait is then heard, not missed."""
+        a change committed between the read and the wait is then heard, not missed. With
+        ``record``, a terminal status comes with its row (``waiter.record``) when it can."""
         self.start()
-        waiter = Waiter(job_id)
+        waiter = Waiter(job_id, wants_record=record)
         self._waiters.setdefault(job_id, []).append(waiter)
         self._count += 1
         if self._count == 1:
@@ -160,7 +174,12 @@ class WaiterHub:
         waiters = self._waiters
         for job_id, status in statuses.items():
             for waiter in waiters.get(job_id, ()):
-                waiter.observe(status)
+                if self._fetch is not None and status.terminal and waiter.wants_record:
+                    self._to_fetch[job_id] = status  # woken with its row, a query later
+                else:
+                    waiter.observe(status)
+        if self._to_fetch and self._fetching is None:
+            self._fetching = asyncio.get_running_loop().create_task(self._fetch_terminal())
 
     def check(self) -> None:
         """Look up every watched job now; calls that come while one runs make one more."""
@@ -172,6 +191,25 @@ class WaiterHub:
         self._checking = asyncio.get_running_loop().create_task(self._check("feed"))
 
     # --- internals ------------------------------------------------------------------------
+
+    async def _fetch_terminal(self) -> None:
+        """Read the rows of the jobs heard terminal, all in one query, and wake their
+        waiters with them; if the store cannot say, they wake without (and read it)."""
+        assert self._fetch is not None
+        try:
+            while self._to_fetch:
+                batch, self._to_fetch = self._to_fetch, {}
+                try:
+                    records = await asyncio.to_thread(self._fetch, list(batch))
+                except JobStoreError as exc:
+                    log.warning("waiters: cannot read %d finished jobs: %s", len(batch), exc)
+                    records = {}
+                for job_id, status in batch.items():
+                    record = records.get(job_id)
+                    for waiter in self._waiters.get(job_id, ()):
+                        waiter.observe(status, record)
+        finally:
+            self._fetching = None
 
     async def _check(self, reason: str) -> None:
         try:
@@ -217,5 +255,5 @@ class HubChanges:
         within: float,
         known: JobStatus | None,
     ) -> bool:
-        with self._hub.watch(job_id) as waiter:
+        with self._hub.watch(job_id, record=False) as waiter:  # a stream reads its log
             return await waiter.changed(known, within) is not None

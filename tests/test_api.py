@@ -356,6 +356,29 @@ async def test_models_health_metrics_docs(api: Api) -> None:
     assert (await api.client.get("/asyncapi.json")).json()["asyncapi"] == "3.0.0"
 
 
+async def test_request_metrics_count_by_route_template_and_status(api: Api) -> None:
+    """Each answer counted once under its route's template (never the concrete id), also
+    the ones a middleware inside gives (413) and the ones no route matched."""
+    job = (await api.submit({"model": "identity", "input": {"tensor": [1.0]}})).json()
+    await api.client.get(f"/v1/jobs/{job['id']}")
+    await api.client.get("/v1/jobs/nope-000")
+    await api.client.get("/nowhere")
+    big = b'{"model": "identity", "input": {"tensor": [' + b"1," * 2_000_000 + b"1]}}"
+    r = await api.client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    text = (await api.client.get("/metrics")).text
+    for line in (
+        'inferq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0',
+        'inferq_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"} 1.0',
+        'inferq_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0',
+        'inferq_http_requests_total{method="GET",route="unmatched",status="404"} 1.0',
+        'inferq_http_requests_total{method="POST",route="unmatched",status="413"} 1.0',
+        'inferq_http_request_duration_seconds_count{method="POST",route="/v1/jobs"} 1.0',
+    ):
+        assert line in text, line
+    assert job["id"] not in text
+
+
 async def test_wait_on_an_unknown_id_waits_then_404s(api: Api) -> None:
     import time
 

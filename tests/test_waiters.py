@@ -319,3 +319,40 @@ async def test_a_killed_listen_connection_comes_back_and_misses_nothing(
         assert waited < 0.25, waited  # notifications flow again
     finally:
         admin.dispose()
+
+
+async def test_terminal_rows_are_read_in_one_query_for_all_woken_waiters(
+    db: Db, running: list[WaiterHub]
+) -> None:
+    """Forty jobs finishing in one commit wake their forty waiters with their rows, read in
+    one query by the hub, not forty reads by the waiters."""
+    ids = [f"batch-{i}" for i in range(40)]
+    db.add(*ids)
+    attempts = {i: db.claim(i) for i in ids}
+    fetches: list[int] = []
+
+    def fetch(wanted: Any) -> Any:
+        fetches.append(len(wanted))
+        return db.store.get_many(wanted)
+
+    hub = WaiterHub(db.store.statuses, db.feed(), fetch=fetch, sweep_s=30)
+    hub.start()
+    running.append(hub)
+    if db.backend == "postgres":
+        await asyncio.sleep(0.5)  # LISTEN up
+
+    async def wait(job_id: str) -> Any:
+        with hub.watch(job_id) as waiter:
+            assert await waiter.changed(R, 20) is S
+            return waiter.record
+
+    waiting = [asyncio.create_task(wait(i)) for i in ids]
+    await asyncio.sleep(0.1)
+    await asyncio.to_thread(
+        db.writer.complete,
+        [Outcome(job_id=i, attempt=attempts[i], status=S, result={"i": i}) for i in ids],
+    )
+    records = await asyncio.wait_for(asyncio.gather(*waiting), 20)
+    assert [r.id for r in records] == ids
+    assert all(r.status is S and r.result == {"i": r.id} for r in records)
+    assert sum(fetches) == 40 and len(fetches) <= 2, fetches

@@ -80,7 +80,7 @@ def jobs_router() -> APIRouter:
         # every Prefer field counts (RFC 9110: repeated fields are one comma-separated list)
         wait = wait_preference(request.headers.getlist("prefer"), limit=int(MAX_WAIT_S))
         if wait is not None and not job.status.terminal:
-            record = await _wait_for(st, request.receive, job.id, wait)
+            record = await _wait_for(st, request.receive, job.id, wait, status=job.status)
             if record is not None and record.status.terminal:
                 job = await _resource(st, record)
         if wait is not None and job.status.terminal:
@@ -171,25 +171,41 @@ def jobs_router() -> APIRouter:
     return router
 
 
-async def _wait_for(st: ApiState, receive: Receive, job_id: str, wait: float) -> JobRecord | None:
+async def _wait_for(
+    st: ApiState,
+    receive: Receive,
+    job_id: str,
+    wait: float,
+    *,
+    status: JobStatus | None = None,
+) -> JobRecord | None:
     """The job's row, after up to ``wait`` seconds for it to be terminal. An id not yet
     known is waited for too: a job published straight onto the bus has no row until a
-    worker picks it up. The waiter hub wakes the wait when the job's status changes; the
-    row is read again only when that says terminal (or the row appeared)."""
+    worker picks it up. The waiter hub wakes the wait when the job's status changes, with
+    the row when it is terminal; the row is read here only when the hub could not.
+
+    ``status``: the caller knows the row's status (it has just written it), so the first
+    read is skipped; then the row is returned only if it turned terminal (else None)."""
     store = st.deps.store
     if wait <= 0:
         return await asyncio.to_thread(store.get, job_id)
     deadline = time.monotonic() + wait
     with st.waiters.watch(job_id) as waiter:  # before the read: no change falls in between
-        record = await asyncio.to_thread(store.get, job_id)
-        known = None if record is None else record.status
+        record: JobRecord | None = None
+        known = status
+        if status is None:
+            record = await asyncio.to_thread(store.get, job_id)
+            known = None if record is None else record.status
         async with _abandon_on_disconnect(receive, waiter):
             while known is None or not known.terminal:
                 heard = await waiter.changed(known, deadline - time.monotonic())
                 if heard is None:  # the time is up, or the client went away
                     break
-                if heard.terminal or record is None:
-                    record = await asyncio.to_thread(store.get, job_id) or record
+                if heard.terminal:
+                    record = waiter.record or await asyncio.to_thread(store.get, job_id)
+                    known = None if record is None else record.status
+                elif known is None:  # the row appeared
+                    record = await asyncio.to_thread(store.get, job_id)
                     known = None if record is None else record.status
                 else:
                     known = heard  # running, or queued again: no need to read the row
