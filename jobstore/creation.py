@@ -17,9 +17,19 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from jobstore import events
 from jobstore.errors import IdempotencyConflict, JobStoreError
 from jobstore.records import JobRecord, NewJob
-from jobstore.sql import JOBS, chunked, insert_values, row_record
+from jobstore.sql import (
+    JOBS,
+    NEW_JOB_COLUMNS,
+    PG_ENSURE,
+    SQLITE_ENSURE,
+    chunked,
+    insert_values,
+    jsonable,
+    row_record,
+)
 
 # one created job: (its row, True when this call inserted it), or why it was not created
 # (an IdempotencyConflict, or another JobStoreError: a row the database refused)
@@ -97,3 +107,22 @@ def _judge(before: JobRecord, job: NewJob) -> Created:
     if before.request_hash == job.request_hash:
         return before, False
     return IdempotencyConflict(before)
+
+
+def ensure(conn: Connection, backend: str, jobs: Sequence[NewJob], now: datetime) -> set[str]:
+    """Insert the jobs whose id is absent (with their job events); the ids inserted. Rows
+    that conflict on the id or an idempotency key are left alone."""
+    unique = {job.id: job for job in reversed(jobs)}  # the first of duplicated ids wins
+    if not unique:
+        return set()
+    # id order: concurrent batches then take index locks in the same order (no deadlock)
+    rows = [insert_values(unique[job_id], now) for job_id in sorted(unique)]
+    if backend == "postgresql":
+        batch = [{key: jsonable(row[key]) for key in NEW_JOB_COLUMNS} for row in rows]
+        inserted = set(conn.scalars(PG_ENSURE, {"batch": batch, "now": now}))
+    else:
+        # executemany with RETURNING: SQLAlchemy's "insertmanyvalues" batches the rows into
+        # multi-row INSERTs without compiling a statement per call.
+        inserted = set(conn.scalars(SQLITE_ENSURE, rows))
+    events.write(conn, [row_record(r) for r in rows if r["id"] in inserted], now)
+    return inserted

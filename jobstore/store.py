@@ -50,12 +50,8 @@ from jobstore.records import (
 from jobstore.sql import (
     BEGIN_OPTION,
     JOBS,
-    NEW_JOB_COLUMNS,
-    PG_ENSURE,
-    SQLITE_ENSURE,
     in_memory,
     insert_values,
-    jsonable,
     postgres_engine,
     replay,
     row_record,
@@ -231,21 +227,10 @@ class JobStore:
         Rows that conflict on the id (or on an idempotency key) are left alone, so a job
         published twice onto the bus gets one row.
         """
-        unique = {job.id: job for job in reversed(jobs)}  # the first of duplicated ids wins
-        if not unique:
+        if not jobs:
             return []
-        now = utcnow()
-        # id order: concurrent batches then take index locks in the same order (no deadlock)
-        rows = [insert_values(unique[job_id], now) for job_id in sorted(unique)]
         with self._begin(write=True) as conn:
-            if self._backend == "postgresql":
-                batch = [{key: jsonable(row[key]) for key in NEW_JOB_COLUMNS} for row in rows]
-                inserted = set(conn.scalars(PG_ENSURE, {"batch": batch, "now": now}))
-            else:
-                # executemany with RETURNING: SQLAlchemy's "insertmanyvalues" batches the rows
-                # into multi-row INSERTs without compiling a statement per call.
-                inserted = set(conn.scalars(SQLITE_ENSURE, rows))
-            events.write(conn, [row_record(r) for r in rows if r["id"] in inserted], now)
+            inserted = creation.ensure(conn, self._backend, jobs, utcnow())
         return [job_id for job_id in dict.fromkeys(j.id for j in jobs) if job_id in inserted]
 
     # --- reading --------------------------------------------------------------------------
@@ -323,8 +308,10 @@ class JobStore:
         now: datetime | None = None,
         due: Iterable[str] = (),
         bindings: Mapping[str, Binding] | None = None,
+        ensure: Sequence[NewJob] = (),
     ) -> ClaimResult:
-        """Move the batch to running for ``worker_id``, in one transaction.
+        """Move the batch to running for ``worker_id``, in one transaction (which first
+        inserts the rows of ``ensure`` that are absent, as ``ensure()`` does).
 
         queued -> running; running -> running too (a redelivery means the previous owner
         died): attempts + 1 and a fresh lease either way. A queued job past ``expires_at``
@@ -341,6 +328,8 @@ class JobStore:
         if not wanted:
             return ClaimResult(claimed=[], skipped={}, missing=[])
         with self._begin(write=True) as conn:
+            if ensure:  # rows of jobs that came straight off the bus, in the same transaction
+                creation.ensure(conn, self._backend, ensure, now)
             result, expired = claims.claim(
                 conn,
                 self._backend,

@@ -9,9 +9,11 @@ left for redelivery (the worker stopped while the store was down).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
+from jobstore.errors import StoreUnavailable
 from jobstore.records import Binding, ClaimResult, NewJob
 from schemas.contracts import ContractViolation, resolve_version, validate_input
 from schemas.envelope import EnvelopeError, JobEnvelope, decode_message
@@ -22,6 +24,8 @@ from workers import storing
 from workers.items import Accepted, WorkItem
 from workers.redelivery import Redelivery
 from workers.retry import RETRY_EXTENSION
+
+log = logging.getLogger(__name__)
 
 
 class Admission(Redelivery):
@@ -162,13 +166,21 @@ class Admission(Redelivery):
     def _ensure_and_claim(
         self, new_jobs: list[NewJob], due: set[str], bindings: Mapping[str, Binding]
     ) -> tuple[ClaimResult, dict[str, Exception]]:
+        def claim(ids: list[str], ensure: list[NewJob]) -> ClaimResult:
+            return self.store.claim(
+                ids,
+                worker_id=self.config.worker_id,
+                lease_s=self.config.lease_s,
+                due=due,
+                bindings=bindings,
+                ensure=ensure,
+            )
+
+        try:  # the missing rows and the claim in one transaction, as nearly always
+            return claim([j.id for j in new_jobs], new_jobs), {}
+        except StoreUnavailable:
+            raise
+        except Exception:  # a row the store cannot keep: find it alone, claim the others
+            log.debug("claim of %d jobs with their rows failed; isolating", len(new_jobs))
         unstorable = storing.ensure_isolating(self.store, new_jobs)
-        ids = [j.id for j in new_jobs if j.id not in unstorable]
-        claim = self.store.claim(
-            ids,
-            worker_id=self.config.worker_id,
-            lease_s=self.config.lease_s,
-            due=due,
-            bindings=bindings,
-        )
-        return claim, unstorable
+        return claim([j.id for j in new_jobs if j.id not in unstorable], []), unstorable
