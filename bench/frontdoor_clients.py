@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -180,10 +182,28 @@ async def submit_only(url: str, bodies: Sequence[bytes], concurrency: int) -> di
 @dataclass
 class WaitTally:
     latencies: list[float] = field(default_factory=list)
+    # per job answered by its POST: where its round trip went, ms each (see ``stages``)
+    stages: list[tuple[float, ...]] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
     answered_200: int = 0  # POST answered the terminal job itself (Prefer applied)
     fell_back: int = 0  # POST answered 202; the lane then waited with GET ?wait
     retries: int = 0
+
+
+# a round trip's legs, from the job's own timestamps (same machine, same clock):
+# request sent -> row written (created_at) -> claimed by a worker (started_at) -> outcome
+# stored (completed_at) -> answer received
+STAGES = ("to_created", "to_started", "to_completed", "to_answered")
+
+
+def _stages(sent: float, job: dict[str, Any], received: float) -> tuple[float, ...]:
+    marks = [sent, *(_epoch(job[k]) for k in ("created_at", "started_at", "completed_at"))]
+    marks.append(received)
+    return tuple(1000 * (b - a) for a, b in itertools.pairwise(marks))
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 async def _get_until_terminal(client: Lane, job_id: str, wait_s: float) -> str:
@@ -210,11 +230,12 @@ async def submit_and_wait(
 
     async def lane(client: Lane) -> None:
         for payload in queue:
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), time.time()
             r, n = await client.post_job(payload, headers)
             tally.retries += n
             if r.status_code == 200 and r.json().get("status") in TERMINAL:
                 tally.answered_200 += 1
+                tally.stages.append(_stages(sent, r.json(), time.time()))
                 status = str(r.json()["status"])
             elif r.status_code == 202:
                 tally.fell_back += 1 if prefer else 0
@@ -239,6 +260,10 @@ async def submit_and_wait(
         "statuses": dict(tally.statuses),
         "retries": tally.retries,
     }
+    if tally.stages:
+        out["stages_p50_ms"] = {
+            name: p50_ms([s[i] / 1000 for s in tally.stages]) for i, name in enumerate(STAGES)
+        }
     if prefer:
         out["prefer_answered_200"] = tally.answered_200
         out["prefer_fell_back_to_get_wait"] = tally.fell_back

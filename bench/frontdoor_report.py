@@ -100,6 +100,9 @@ def print_all(console: Console, figures: dict[str, Any]) -> None:
             note = f"p50 {_n(fig['p50_ms'], '.1f')} ms"
             if mode == "prefer_wait" and not fig.get("prefer_supported"):
                 note += "; Prefer not supported (fell back to ?wait)"
+            legs = fig.get("stages_p50_ms")
+            if legs:  # sent -> created -> started -> completed -> answered, p50 of each
+                note += " (legs " + "/".join(_n(v, ".0f") for v in legs.values()) + ")"
             rows.add(f"64 clients submit+wait, {label}", _n(fig["per_s"], unit="/s"), fig, note)
     for name in ("celery", "dramatiq"):
         ref = _get(r, "refs", name) or {}
