@@ -278,23 +278,31 @@ async def one_at_a_time(url: str, bodies: Sequence[bytes], wait_s: float) -> dic
     samples: list[float] = []
     fell_back = 0
     statuses: Counter[str] = Counter()
+    stages: list[tuple[float, ...]] = []
     client = Lane(url, timeout_s=wait_s + 30)
     try:
         for payload in bodies:
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), time.time()
             r = await client.request("POST", "/v1/jobs", payload, headers)
             if r.status_code == 202:
                 fell_back += 1
                 status = await _get_until_terminal(client, r.json()["id"], wait_s)
             elif r.status_code == 200:
                 status = str(r.json()["status"])
+                stages.append(_stages(sent, r.json(), time.time()))
             else:
                 raise BenchError(f"POST /v1/jobs answered {r.status_code}: {r.text[:300]}")
             samples.append(time.perf_counter() - t0)
             statuses[status] += 1
     finally:
         await client.close()
-    return {"samples": samples, "fell_back": fell_back, "statuses": dict(statuses)}
+    legs = {n: p50_ms([s[i] / 1000 for s in stages]) for i, n in enumerate(STAGES)}
+    return {
+        "samples": samples,
+        "fell_back": fell_back,
+        "statuses": dict(statuses),
+        "stages_p50_ms": legs if stages else None,
+    }
 
 
 async def post_latencies(url: str, payload: bytes, n: int, budget_s: float = 60) -> list[float]:

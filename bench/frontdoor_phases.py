@@ -281,6 +281,7 @@ def one_at_a_time(
         "overhead_p50_ms": e2e - model_p50_ms,
         "fell_back_to_get_wait": r["fell_back"],
         "statuses": r["statuses"],
+        "stages_p50_ms": r["stages_p50_ms"],
     }
 
 

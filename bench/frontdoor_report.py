@@ -147,6 +147,8 @@ def print_all(console: Console, figures: dict[str, Any]) -> None:
     lat = r.get("latency")
     if lat:
         note = f"e2e p50 {lat['e2e_p50_ms']:.1f} ms - model p50 {lat['model_p50_ms']:.1f} ms"
+        if lat.get("stages_p50_ms"):
+            note += " (legs " + "/".join(_n(v, ".1f") for v in lat["stages_p50_ms"].values()) + ")"
         if lat["fell_back_to_get_wait"]:
             note += "; Prefer not supported (fell back to ?wait)"
         rows.add(

@@ -74,3 +74,36 @@ async def test_a_handler_that_raises_does_not_end_the_batcher_nor_hang_drain() -
         await batcher.drain()
     assert failed == [([0], "handler bug")] and seen == [[1]]
     await batcher.stop()
+
+
+async def test_told_nothing_more_a_lone_job_does_not_wait_for_company() -> None:
+    """After ``nothing_more`` (the worker handed over all it fetched), a batch closes once
+    the queue is empty: one job at a time pays no max_wait; a fetched chunk still comes in
+    full batches; a job put after the hint waits for company again."""
+    seen: list[list[int]] = []
+    waited: list[float] = []
+
+    async def handler(batch: Batch[int]) -> None:
+        seen.append(batch.items)
+        waited.append(batch.waited_s)
+
+    batcher: MicroBatcher[int] = MicroBatcher(4, 1.0, handler)
+    batcher.start()
+    batcher.put(0)
+    batcher.nothing_more()
+    await asyncio.wait_for(batcher.drain(), 0.5)  # max_wait is a second
+    assert seen == [[0]] and waited[0] < 0.1, waited
+    for i in range(1, 10):
+        batcher.put(i)
+    batcher.nothing_more()
+    await asyncio.wait_for(batcher.drain(), 0.5)
+    assert seen[1:] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    # a lone job waiting for company is released by a later hint, before its max_wait
+    batcher.put(10)
+    await asyncio.sleep(0.2)
+    assert seen[-1] == [9]  # still waiting: no hint since it was put
+    batcher.put(11)
+    batcher.nothing_more()
+    await asyncio.wait_for(batcher.drain(), 0.5)
+    assert seen[-1] == [10, 11] and 0.2 <= waited[-1] < 0.6, waited
+    await batcher.stop()

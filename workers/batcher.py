@@ -1,7 +1,11 @@
-"""The micro-batcher: one queue per model version, flushed at max_batch_size or max_wait_ms.
+"""The micro-batcher: one queue per model version, flushed at max_batch_size or max_wait_ms,
+or as soon as the queue is empty after ``nothing_more()``.
 
 Batches never mix models. While a batch runs, the next one fills, so under load the batch
-size grows by itself; at low load a job waits at most ``max_wait_ms`` for company.
+size grows by itself. A job waits up to ``max_wait_ms`` for company only while more may be
+on its way: the worker says ``nothing_more()`` once it has handed over all it fetched, and
+then a batch closes as soon as the queue is empty (one job at a time pays no batching
+delay; a backlog still comes in full batches, since a fetch hands over many at once).
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ class MicroBatcher(Generic[T]):
     _queue: asyncio.Queue[tuple[float, T]] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
     _busy: bool = False
+    _told_at: float = float("-inf")  # loop time of the last nothing_more()
+    _told: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def nothing_more(self) -> None:
+        """Everything fetched so far was put: a batch need not wait for more."""
+        self._told_at = asyncio.get_running_loop().time()
+        self._told.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
@@ -69,12 +80,13 @@ class MicroBatcher(Generic[T]):
                 except asyncio.QueueEmpty:
                     pass
                 remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    items.append((await asyncio.wait_for(self._queue.get(), remaining))[1])
-                except TimeoutError:
-                    break
+                if remaining <= 0 or self._told_at >= first_at:
+                    break  # waited long enough, or nothing more is on its way
+                self._told.clear()
+                item = await self._next_or_told(remaining)
+                if item is None:
+                    continue  # told, or timed out: the checks above decide
+                items.append(item)
             batch = Batch(items, loop.time() - first_at)
             try:
                 await self.handler(batch)
@@ -85,6 +97,20 @@ class MicroBatcher(Generic[T]):
                 self._busy = False
                 for _ in items:
                     self._queue.task_done()
+
+    async def _next_or_told(self, within: float) -> T | None:
+        """The next item, or None once told ``nothing_more`` or after ``within`` seconds."""
+        getting = asyncio.ensure_future(self._queue.get())
+        told = asyncio.ensure_future(self._told.wait())
+        try:
+            await asyncio.wait((getting, told), timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            told.cancel()
+            if not getting.done():
+                getting.cancel()
+        if getting.done() and not getting.cancelled():
+            return getting.result()[1]
+        return None
 
     async def _report(self, batch: Batch[T], exc: BaseException) -> None:
         if self.on_error is None:

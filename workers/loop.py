@@ -55,6 +55,8 @@ class Worker(Admission, Outcomes):
                 )
                 if deliveries:
                     await self._admit(deliveries)
+                    for batcher in self._batchers.values():
+                        batcher.nothing_more()  # all of this fetch is in: no need to wait
                     # don't read far ahead of the models: bounded memory, fair redelivery
                     limit = 4 * self.config.fetch_max_records
                     while len(self._in_flight) > limit and not stop.is_set():
