@@ -44,15 +44,34 @@ class AsyncClient:
         *,
         version: str | None = None,
         idempotency_key: str | None = None,
+        wait: float | None = None,
         **fields: Any,
     ) -> JobResource:
+        """As ``InferqClient.submit``: with ``wait``, ``Prefer: wait`` (at most 60 s)."""
         body = {"model": model, "input": input, **fields}
         if version is not None:
             body["version"] = version
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if wait is not None:
+            headers["Prefer"] = f"wait={max(int(wait), 0)}"
         return JobResource.model_validate(
             await self._call("POST", "/v1/jobs", json=body, headers=headers)
         )
+
+    async def run(
+        self,
+        model: str,
+        input: dict[str, Any],
+        *,
+        timeout: float = 60.0,  # noqa: ASYNC109
+        **kw: Any,
+    ) -> JobResource:
+        """As ``InferqClient.run``: submit with ``Prefer: wait``, then wait if need be."""
+        deadline = time.monotonic() + timeout
+        job = await self.submit(model, input, wait=min(timeout, 60.0), **kw)
+        if job.status.terminal:
+            return job
+        return await self.wait(job.id, timeout=max(deadline - time.monotonic(), 0.0))
 
     async def submit_many(
         self, requests: Sequence[Mapping[str, Any]]
@@ -70,8 +89,19 @@ class AsyncClient:
 
     # ``timeout`` as in InferqClient: the same methods, the same arguments
     async def wait(self, job_id: str, *, timeout: float = 60.0) -> JobResource:  # noqa: ASYNC109
-        """Until the job is terminal (long-polls in slices of up to 20 s)."""
+        """As ``InferqClient.wait`` (the job's event stream; ``?wait`` for an id not yet
+        known), and on time: a job still running at ``timeout`` comes back then."""
         deadline = time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in self.events(job_id, timeout=timeout):
+                    if event.terminal:
+                        return event.job
+        except TimeoutError:
+            return await self.get(job_id)
+        except InferqError as exc:
+            if exc.status != 404:
+                raise
         while True:
             remaining = deadline - time.monotonic()
             job = await self.get(job_id, wait=max(min(remaining, 20.0), 0.0))

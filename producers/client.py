@@ -92,8 +92,26 @@ class InferqClient:
         return JobResource.model_validate(self._call("GET", f"/v1/jobs/{job_id}", params=params))
 
     def wait(self, job_id: str, *, timeout: float = 60.0) -> JobResource:
-        """Block until the job is terminal (long-polls in slices of up to 20 s)."""
+        """Block until the job is terminal or ``timeout`` passed; the job as it then is.
+
+        It follows the job's event stream (``GET /v1/jobs/{id}/events``, resumed after a
+        break); an id the API does not know yet (a job published straight onto the bus and
+        not picked up) is long-polled with ``?wait`` until it appears. A job still running
+        at ``timeout`` comes back up to one stream heartbeat late (15 s by default), as a
+        blocking read cannot be cut short; the async client returns on time."""
         deadline = time.monotonic() + timeout
+        try:
+            for event in self._stream(job_id, None, deadline):
+                if event.terminal:
+                    return event.job
+        except TimeoutError:
+            return self.get(job_id)
+        except InferqError as exc:
+            if exc.status != 404:
+                raise
+        return self._poll(job_id, deadline)
+
+    def _poll(self, job_id: str, deadline: float) -> JobResource:
         while True:
             remaining = deadline - time.monotonic()
             job = self.get(job_id, wait=max(min(remaining, 20.0), 0.0))
@@ -129,15 +147,20 @@ class InferqClient:
         A broken stream (an API restart, a proxy timeout) is resumed from the last event
         seen with ``Last-Event-ID``, so none is missed or repeated; ``timeout`` bounds the
         whole iteration (TimeoutError after it)."""
-        deadline = time.monotonic() + timeout
+        yield from self._stream(job_id, last_event_id, time.monotonic() + timeout)
+
+    def _stream(
+        self, job_id: str, last_event_id: str | None, deadline: float
+    ) -> Iterator[StreamEvent]:
         parser = SseParser(last_id=last_event_id)
         while True:
+            read_s = min(max(deadline - time.monotonic(), 0.05), 60.0)
             try:
                 with self._http.stream(
                     "GET",
                     f"/v1/jobs/{job_id}/events",
                     headers=resume_headers(parser.last_id),
-                    timeout=httpx.Timeout(self._http.timeout.connect, read=60.0),
+                    timeout=httpx.Timeout(self._http.timeout.connect, read=read_s),
                 ) as response:
                     if response.status_code == 204:
                         return  # resumed after the terminal event
@@ -150,10 +173,12 @@ class InferqClient:
                             yield event
                             if event.terminal:
                                 return
+                        if time.monotonic() > deadline:  # heartbeats come every few seconds
+                            break
             except httpx.TransportError:
                 pass  # reconnect below
             if time.monotonic() + parser.retry_s > deadline:
-                raise TimeoutError(f"no terminal event of job {job_id} within {timeout}s")
+                raise TimeoutError(f"no terminal event of job {job_id} in time")
             time.sleep(parser.retry_s)
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:

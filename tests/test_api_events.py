@@ -285,3 +285,71 @@ def test_the_clients_iterate_events_and_the_async_one_has_the_same_methods(serve
             assert (await ac.wait(b.id, timeout=5)).result == {"tensor": [1.0]}
 
     asyncio.run(go())
+
+
+class Recording(httpx.HTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(f"{request.method} {request.url.path}?{request.url.query.decode()}")
+        return super().handle_request(request)
+
+
+class AsyncRecording(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(f"{request.method} {request.url.path}?{request.url.query.decode()}")
+        return await super().handle_async_request(request)
+
+
+def test_client_wait_follows_the_event_stream_and_keeps_its_timeout(server: Server) -> None:
+    """``wait()`` rides the job's event stream (no polling); a job still queued comes back
+    at its timeout (sync: within a heartbeat, 0.3 s here); an id not known yet is
+    long-polled with ``?wait`` and is 404 once the time is up."""
+    transport = Recording()
+    with InferqClient(server.url, transport=transport) as client:
+        job = client.submit("identity", {"tensor": [2.0]})
+        threading.Timer(0.3, _run, args=(server.store, job.id)).start()
+        done = client.wait(job.id, timeout=10)
+        assert done.status is JobStatus.SUCCEEDED and done.result == {"tensor": [1.0]}
+        assert transport.seen[1:] == [f"GET /v1/jobs/{job.id}/events?"], transport.seen
+        idle = client.submit("identity", {"tensor": [3.0]})
+        started = time.monotonic()
+        still = client.wait(idle.id, timeout=1.0)
+        took = time.monotonic() - started
+        assert still.status is JobStatus.QUEUED and 1.0 <= took < 2.5, took
+        transport.seen.clear()
+        started = time.monotonic()
+        with pytest.raises(InferqError) as info:
+            client.wait("not-yet-known", timeout=1.0)
+        assert info.value.status == 404 and time.monotonic() - started >= 0.9
+        assert any("wait=" in r for r in transport.seen), transport.seen
+
+    async def go() -> None:
+        recording = AsyncRecording()
+        async with AsyncClient(server.url, transport=recording) as ac:
+            a = await ac.submit("identity", {"tensor": [4.0]})
+            threading.Timer(0.3, _run, args=(server.store, a.id)).start()
+            assert (await ac.wait(a.id, timeout=10)).status is JobStatus.SUCCEEDED
+            assert recording.seen[1:] == [f"GET /v1/jobs/{a.id}/events?"], recording.seen
+            b = await ac.submit("identity", {"tensor": [5.0]})
+            started = time.monotonic()
+            assert (await ac.wait(b.id, timeout=1.0)).status is JobStatus.QUEUED
+            assert 1.0 <= time.monotonic() - started < 1.5  # on time
+            # submit-and-wait in one request, as the sync client's run()
+            threading.Timer(0.3, lambda: _run(server.store, _newest(server.store))).start()
+            ran = await ac.run("identity", {"tensor": [6.0]}, timeout=10)
+            assert ran.status is JobStatus.SUCCEEDED
+            assert any(r.startswith("POST /v1/jobs?") for r in recording.seen)
+
+    asyncio.run(go())
+
+
+def _newest(store: JobStore) -> str:
+    records, _ = store.list(status=JobStatus.QUEUED, limit=500)
+    return max(records, key=lambda r: r.created_at).id
