@@ -9,6 +9,7 @@ import contextlib
 import os
 import resource
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -85,6 +86,22 @@ class StoreProbe:
                     raise BenchError(f"only {done} of {target} jobs terminal after {timeout_s}s")
                 time.sleep(interval_s)
 
+    def writable(self, timeout_s: float = 0.2) -> bool:
+        """Whether a write transaction can start now: no one holds SQLite's write lock
+        (PostgreSQL locks rows, not the database: always True there)."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        path = self.engine.url.database or ""
+        conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:  # database is locked
+            return False
+        finally:
+            conn.close()
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -146,8 +163,18 @@ class FrontStack(InferqStack):
         return self.probe.worker_joined(self.worker_id)
 
     def pause_worker(self) -> None:
-        if self.worker is not None:
+        """SIGSTOP the worker, but never while it holds SQLite's write lock (a stop inside
+        a write transaction would leave every API write "database is locked")."""
+        if self.worker is None:
+            return
+        for _ in range(100):
             os.killpg(self.worker.pid, signal.SIGSTOP)
+            _until_stopped(self.worker.pid)
+            if self.probe.writable():
+                return
+            os.killpg(self.worker.pid, signal.SIGCONT)
+            time.sleep(0.05)
+        raise BenchError("could not pause the worker outside a write transaction")
 
     def resume_worker(self) -> None:
         if self.worker is not None:
@@ -161,6 +188,20 @@ class FrontStack(InferqStack):
 
 
 # --- CPU of process groups ------------------------------------------------------------------
+
+
+def _until_stopped(pid: int, timeout_s: float = 1.0) -> None:
+    """Until the kernel shows ``pid`` stopped (SIGSTOP is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    stat = Path(f"/proc/{pid}/stat")
+    while time.monotonic() < deadline:
+        try:
+            text_ = stat.read_text()
+        except OSError:
+            return
+        if text_[text_.rindex(")") + 2] in "Tt":
+            return
+        time.sleep(0.001)
 
 
 def group_cpu_s(pgid: int) -> float:
